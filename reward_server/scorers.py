@@ -1,0 +1,216 @@
+"""Scorers: turn (prompt, response) pairs into one scalar reward each.
+
+Three kinds, picked by the `reward.scorer` spec (see `make_scorer`):
+- `vader`: VADER sentiment of the response, the demo's gold "human judge";
+- `model:<dir>`: a Hugging Face sequence-classification reward model with a scalar head;
+- `python:<module>:<function>`: any importable function of (prompts, responses).
+
+`score_checked` is how the server calls a scorer: it refuses to pass on a reward that is not a
+finite number, because one NaN reward silently poisons every PPO update after it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Protocol, Sequence
+
+
+class Scorer(Protocol):
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """One reward per (prompt, response) pair, in order."""
+        ...
+
+
+class ScoringError(RuntimeError):
+    """A scorer raised, returned the wrong number of rewards, or returned a reward that is not a
+    finite number."""
+
+
+class VaderScorer:
+    """VADER compound sentiment of the response, in [-1, 1]; the prompt is ignored.
+
+    VADER is a lexicon-and-rules sentiment model (Hutto & Gilbert, 2014). It stands in for the
+    human judge of the demo: the policy is rewarded for cheerful replies to everyday setbacks.
+    """
+
+    def __init__(self):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [float(self._analyzer.polarity_scores(r)["compound"]) for r in responses]
+
+    def __repr__(self) -> str:
+        return "VaderScorer()"
+
+
+class RewardModelScorer:
+    """A Hugging Face `AutoModelForSequenceClassification` with one output (a scalar head), read
+    from a local directory, scoring the conversation [user: prompt, assistant: response] written
+    with the tokenizer's chat template, or the pair (prompt, response) when it has none."""
+
+    def __init__(self, path: str, device: str = "cpu", batch_size: int = 32):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if not Path(path).is_dir():
+            raise FileNotFoundError(
+                f"reward model directory {path!r} does not exist; `model:<dir>` needs a local "
+                f"directory written by save_pretrained (model and tokenizer)")
+        self.path = path
+        self.device = device
+        self.batch_size = batch_size
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        # float32 on CPU: reduced precision there is slow and makes a reward depend on which
+        # other responses share its batch. On GPU keep the checkpoint's own dtype.
+        dtype = torch.float32 if device == "cpu" else "auto"
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        if self.model.config.num_labels != 1:
+            raise ValueError(
+                f"{path} has a classification head with {self.model.config.num_labels} outputs; "
+                f"a reward model needs exactly one (num_labels=1)")
+        self.model.to(device).eval()
+
+        if self.tokenizer.pad_token is None:
+            if self.tokenizer.eos_token is None:
+                raise ValueError(f"the tokenizer in {path} has neither a pad nor an eos token; "
+                                 f"set tokenizer.pad_token and save it again")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # The classification head reads the hidden state of the last token that is not
+        # `config.pad_token_id`, so the model and the tokenizer must agree on the pad id.
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.config.get_text_config().pad_token_id = self.tokenizer.pad_token_id
+        # Right padding keeps every real token at the position it had when scored alone, which
+        # models with absolute position embeddings need; the truncated end is the response's.
+        self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "right"
+        self.max_length = _max_length(self.tokenizer, self.model.config)
+
+    def encode(self, prompts: list[str], responses: list[str]):
+        """Token ids of the conversations, right-padded and right-truncated."""
+        common = dict(padding=True, truncation=True, max_length=self.max_length,
+                      return_tensors="pt")
+        if self.tokenizer.chat_template is None:
+            # The tokenizer's sentence-pair form: encoder reward models (e.g. OpenAssistant's
+            # DeBERTa ones) are trained on (question, answer) pairs with a separator between.
+            return self.tokenizer(prompts, responses, **common)
+        texts = [self.tokenizer.apply_chat_template(
+                     [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                     tokenize=False)
+                 for p, r in zip(prompts, responses)]
+        # The template writes its own special tokens (BOS, turn markers); adding them again
+        # would change the text the model was trained on.
+        return self.tokenizer(texts, add_special_tokens=False, **common)
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        rewards: list[float] = []
+        with self._torch.no_grad():
+            for start in range(0, len(prompts), self.batch_size):
+                end = start + self.batch_size
+                batch = self.encode(prompts[start:end], responses[start:end])
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                logits = self.model(**batch).logits  # (B, 1) reward read at the last real token
+                rewards.extend(logits[:, 0].float().cpu().tolist())
+        return rewards
+
+    def __repr__(self) -> str:
+        return f"RewardModelScorer({self.path!r})"
+
+
+def _max_length(tokenizer, config) -> int:
+    """The longest input the model accepts: the tokenizer's limit or the position table's,
+    whichever is smaller (tokenizers without a limit report a huge sentinel)."""
+    limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**8]
+    if not limits:
+        raise ValueError("cannot tell the reward model's longest input: neither the tokenizer's "
+                         "model_max_length nor config.max_position_embeddings is set")
+    return min(limits)
+
+
+class FunctionScorer:
+    """Any importable function `f(prompts, responses) -> sequence of floats`, named
+    `module.path:function` (e.g. `my_rewards:length_reward`)."""
+
+    def __init__(self, spec: str):
+        module_name, sep, function_name = spec.partition(":")
+        if not sep or not module_name or not function_name or ":" in function_name:
+            raise ValueError(f"function scorer {spec!r} must look like module.path:function "
+                             f"(e.g. my_rewards:length_reward)")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ImportError(f"cannot import module {module_name!r} of scorer {spec!r}: {e}; it "
+                              f"must be importable on the reward server's Python path") from e
+        function = getattr(module, function_name, None)
+        if not callable(function):
+            raise ValueError(f"module {module_name!r} has no function {function_name!r} "
+                             f"(scorer {spec!r})")
+        self.spec = spec
+        self._function = function
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return list(self._function(prompts, responses))
+
+    def __repr__(self) -> str:
+        return f"FunctionScorer({self.spec!r})"
+
+
+SCORER_FORMS = "`vader`, `model:<dir>` or `python:<module>:<function>`"
+
+
+def make_scorer(spec: str, device: str = "cpu") -> Scorer:
+    """Build the scorer named by a `reward.scorer` spec."""
+    kind, _, rest = spec.partition(":")
+    if spec == "vader":
+        return VaderScorer()
+    if kind == "model" and rest:
+        return RewardModelScorer(rest, device=device)
+    if kind == "python" and rest:
+        return FunctionScorer(rest)
+    raise ValueError(f"unknown scorer {spec!r}; use {SCORER_FORMS}")
+
+
+def score_checked(scorer: Scorer, prompts: Sequence[str], responses: Sequence[str],
+                  first_index: int = 0) -> list[float]:
+    """Score with `scorer` and check the rewards; never turns a failure into a reward.
+
+    `first_index` is the index of `prompts[0]` in the caller's request, so that an error names
+    the item the caller sent.
+    """
+    prompts, responses = list(prompts), list(responses)
+    if not prompts:
+        return []
+    try:
+        raw = scorer.score(prompts, responses)
+        raw = list(raw)
+    except Exception as e:
+        raise ScoringError(f"{scorer!r} failed on {len(prompts)} items "
+                           f"({first_index}..{first_index + len(prompts) - 1}): "
+                           f"{type(e).__name__}: {e}") from e
+    if len(raw) != len(prompts):
+        raise ScoringError(f"{scorer!r} returned {len(raw)} rewards for {len(prompts)} items; a "
+                           f"scorer must return one reward per (prompt, response) pair")
+    rewards = []
+    for i, value in enumerate(raw):
+        reward = _as_float(value)
+        if reward is None or not math.isfinite(reward):
+            raise ScoringError(f"{scorer!r} returned {value!r} for item {first_index + i} "
+                               f"(prompt {prompts[i][:60]!r}, response {responses[i][:60]!r}); "
+                               f"a reward must be a finite number")
+        rewards.append(reward)
+    return rewards
+
+
+def _as_float(value) -> float | None:
+    """The value as a float, or None when it is not a number (a string or a bool is not)."""
+    if isinstance(value, (str, bytes, bool)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

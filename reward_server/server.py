@@ -1,0 +1,195 @@
+"""The reward server: a Ray Serve deployment that scores (prompt, response) pairs.
+
+Two doors lead to one batching queue:
+- the training loop calls `await handle.score.remote(prompts, responses)` on a DeploymentHandle;
+- people and outside tools `POST {route_prefix}/score` a JSON list of {"prompt", "response"}
+  objects (schema at `{route_prefix}/openapi.json`, try-it page at `{route_prefix}/docs`).
+
+Requests that arrive within `reward.batch_wait_timeout_s` of each other are scored together in one
+scorer call of at most `reward.max_batch_size` items (Serve dynamic batching), which is what keeps
+a reward model busy when several generation workers each send a few responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from cluster.config import RewardConfig
+from reward_server.scorers import ScoringError, make_scorer, score_checked
+
+APP_NAME = "reward"
+
+app = FastAPI(
+    title="Reward server",
+    description="Scores (prompt, response) pairs with the run's reward scorer. "
+                "POST a JSON list of {prompt, response} objects to /score.")
+
+
+class ScoreItem(BaseModel):
+    prompt: str = Field(description="the user request")
+    response: str = Field(description="the reply to score")
+
+
+class ScoreReply(BaseModel):
+    rewards: list[float] = Field(description="one reward per item, in request order")
+
+
+class Health(BaseModel):
+    status: str
+    scorer: str = Field(description="the `reward.scorer` spec being served")
+
+
+@dataclass
+class _Chunk:
+    """One caller's items (or a slice of them): the unit that the batching queue collects."""
+    prompts: list[str]
+    responses: list[str]
+    first_index: int  # index of prompts[0] in the caller's request, for error messages
+
+
+def _count_items(chunks: list[_Chunk]) -> int:
+    # Serve sizes a batch with this, so `max_batch_size` counts pairs, not requests.
+    return sum(len(c.prompts) for c in chunks)
+
+
+def _split(rewards: list[float], chunks: list[_Chunk]) -> list[list[float]]:
+    out, start = [], 0
+    for chunk in chunks:
+        out.append(rewards[start:start + len(chunk.prompts)])
+        start += len(chunk.prompts)
+    return out
+
+
+# `@serve.ingress` round-trips the FastAPI app (which refers to this class) through cloudpickle
+# when it decorates the class, and that swaps the class's methods for copies that see only the
+# module globals defined by then: every helper the methods use must be defined above this line.
+@serve.ingress(app)
+class RewardServer:
+    """Holds one scorer and serves it. Resources and replica options are set by
+    `reward_app`, where the deployment is launched."""
+
+    def __init__(self, cfg: RewardConfig):
+        self.cfg = cfg
+        self.scorer = make_scorer(cfg.scorer, device=cfg.device)
+        # `@serve.batch` fixes its limits when the class is defined; the run's config applies
+        # them here (one replica per process, so the class-wide setting is this replica's).
+        self._score_batch.set_max_batch_size(cfg.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    async def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """One reward per pair, in order; raises ScoringError naming a bad item."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; "
+                             f"pass one response per prompt")
+        # A request larger than a batch is cut into batch-sized chunks: Serve rejects a single
+        # batch item that is larger than `max_batch_size` on its own.
+        size = self.cfg.max_batch_size
+        chunks = [_Chunk(list(prompts[i:i + size]), list(responses[i:i + size]), i)
+                  for i in range(0, len(prompts), size)]
+        results = await asyncio.gather(*(self._score_batch(c) for c in chunks))
+        rewards: list[float] = []
+        for result in results:
+            if isinstance(result, ScoringError):
+                raise result
+            rewards.extend(result)
+        return rewards
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=_count_items)
+    async def _score_batch(self, chunks: list[_Chunk]) -> list[list[float] | ScoringError]:
+        """Score the chunks of several callers in one scorer call and hand each its rewards.
+
+        A failure is returned, not raised: raising would fail every caller in the batch, while
+        only the one that sent the bad item should see an error.
+        """
+        if len(chunks) > 1:
+            prompts = [p for c in chunks for p in c.prompts]
+            responses = [r for c in chunks for r in c.responses]
+            try:
+                rewards = await self._run_scorer(prompts, responses, 0)
+            except ScoringError:
+                pass  # find out whose items fail by scoring each caller alone, below
+            else:
+                return _split(rewards, chunks)
+        results: list[list[float] | ScoringError] = []
+        for chunk in chunks:
+            try:
+                results.append(await self._run_scorer(chunk.prompts, chunk.responses,
+                                                      chunk.first_index))
+            except ScoringError as e:
+                results.append(e)
+        return results
+
+    async def _run_scorer(self, prompts: list[str], responses: list[str],
+                          first_index: int) -> list[float]:
+        # In a thread, so the replica's event loop keeps accepting (and batching) requests
+        # while a slow scorer, such as a reward model, runs.
+        return await asyncio.to_thread(score_checked, self.scorer, prompts, responses, first_index)
+
+    @app.post("/score", response_model=ScoreReply,
+              responses={413: {"description": "too many items or an over-long string"},
+                         422: {"description": "the body is not a non-empty JSON list of items"},
+                         500: {"description": "the scorer failed; the message names the item"}})
+    async def http_score(self, items: list[ScoreItem]) -> ScoreReply:
+        self._check_limits(items)
+        try:
+            rewards = await self.score([i.prompt for i in items], [i.response for i in items])
+        except ScoringError as e:
+            raise HTTPException(status_code=500, detail=str(e)) from e
+        return ScoreReply(rewards=rewards)
+
+    @app.get("/health", response_model=Health)
+    async def health(self) -> Health:
+        return Health(status="ok", scorer=self.cfg.scorer)
+
+    def _check_limits(self, items: list[ScoreItem]) -> None:
+        if not items:
+            raise HTTPException(422, "the request holds no items; send a JSON list of "
+                                     '{"prompt": ..., "response": ...} objects')
+        if len(items) > self.cfg.max_items:
+            raise HTTPException(413, f"the request holds {len(items)} items; this server accepts "
+                                     f"at most {self.cfg.max_items} per request (reward.max_items); "
+                                     f"split it into several requests")
+        for index, item in enumerate(items):
+            for name in ("prompt", "response"):
+                length = len(getattr(item, name))
+                if length > self.cfg.max_chars:
+                    raise HTTPException(413, f"item {index}: the {name} is {length} characters; "
+                                             f"this server accepts at most {self.cfg.max_chars} "
+                                             f"(reward.max_chars)")
+
+
+def reward_app(cfg: RewardConfig):
+    """The Serve application of the reward server, with its resources from the config."""
+    deployment = serve.deployment(RewardServer, name="RewardServer")
+    return deployment.options(
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        # A batch of `max_batch_size` items may come from as many single-item requests, and all
+        # of them must be let into the replica at once to be batched (Serve's default is 5).
+        max_ongoing_requests=max(cfg.max_batch_size, 16),
+    ).bind(cfg)
+
+
+def start_reward_server(cfg: RewardConfig) -> DeploymentHandle:
+    """Start Serve's HTTP proxy on `cfg.host:cfg.port` and deploy the reward app at
+    `cfg.route_prefix`; returns the handle the training loop scores through.
+
+    Needs `ray.init` first. Serve keeps the HTTP address of its first start: if it already runs
+    in this Ray cluster on another address, Serve warns and `reward_url(cfg)` will be wrong.
+    """
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    return serve.run(reward_app(cfg), name=APP_NAME, route_prefix=cfg.route_prefix)
+
+
+def reward_url(cfg: RewardConfig) -> str:
+    """The HTTP address of the score endpoint, as seen from this machine."""
+    # A wildcard address is where the server listens, not one a client can connect to.
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/score"

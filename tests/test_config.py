@@ -1,0 +1,56 @@
+"""The run config: YAML + dotted overrides, typed, validated with errors that name the field."""
+
+import pytest
+
+from cluster.cli import DEFAULT_CONFIG, main
+from cluster.config import ConfigError, build_config, load_config
+
+
+def test_default_yaml_loads_and_overrides_apply():
+    cfg = load_config(DEFAULT_CONFIG, ["ppo.lr=3e-5", "generation.num_workers=3", "ppo.whiten_advantages=false"])
+    assert cfg.model.path == "embedded:smollm2-135m-instruct"
+    assert cfg.ppo.lr == pytest.approx(3e-5)
+    assert cfg.generation.num_workers == 3 and isinstance(cfg.generation.num_workers, int)
+    assert cfg.ppo.whiten_advantages is False
+
+
+@pytest.mark.parametrize("override, words", [
+    ("ppo.lr=-1", ["ppo.lr", "> 0"]),
+    ("ppo.clip=1.5", ["ppo.clip", "< 1"]),
+    ("generation.num_workers=0", ["generation.num_workers", ">= 1"]),
+    ("generation.dtype=int8", ["generation.dtype", "bfloat16"]),
+    ("ppo.lr=fast", ["ppo.lr", "float"]),
+    ("generation.num_workers=1.5", ["generation.num_workers", "int"]),
+    ("ppo.lr=nan", ["ppo.lr", "NaN"]),
+    ("ppo.learning_rate=1e-5", ["unknown config field ppo.learning_rate", "lr"]),
+    ("optimizer.lr=1e-5", ["unknown config section 'optimizer'"]),
+    ("lr=1e-5", ["section.field=value"]),
+])
+def test_bad_values_name_the_field(override, words):
+    with pytest.raises(ConfigError) as err:
+        build_config({}, [override])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="minibatch_size"):
+        build_config({"ppo": {"minibatch_size": 32}, "train": {"prompts_per_step": 8}})
+    with pytest.raises(ConfigError, match="max_model_len"):
+        build_config({"data": {"max_prompt_tokens": 500}, "generation": {"max_model_len": 512}})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_reports_config_error_without_traceback(capsys):
+    assert main(["train", "--config", str(DEFAULT_CONFIG), "ppo.epochs=0"]) == 2
+    assert "ppo.epochs = 0 is out of range" in capsys.readouterr().err
+
+
+def test_cli_lists_every_field_with_help(capsys):
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "max_staleness = 1: 0 = on-policy" in out and "kl_target" in out
