@@ -127,9 +127,9 @@ class PPOConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = opt(40, "PPO updates (one policy version each)", ge=1)
+    steps: int = opt(20, "PPO updates (one policy version each)", ge=1)
     prompts_per_step: int = opt(64, "prompts in each PPO batch", ge=1)
-    max_staleness: int = opt(1, "0 = on-policy; k = train on rollouts at most k versions old", ge=0)
+    max_staleness: int = opt(0, "0 = on-policy; k = train on rollouts at most k versions old", ge=0)
     buffer_size: int = opt(128, "bounded rollout buffer, in prompts", ge=1)
     eval_every: int = opt(10, "evaluate on held-out prompts every k steps (and at start and end)", ge=1)
     eval_temperature: float = opt(1.0, "sampling temperature of the evaluation", gt=0.0)
@@ -223,7 +223,7 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r}")
 
 
-def _section_fields(section_cls) -> dict[str, tuple[type, Any]]:
+def _section_fields(section_cls) -> dict[str, type]:
     hints = typing.get_type_hints(section_cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
 
@@ -269,12 +269,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def describe() -> str:
-    """Every field with its default and help, for `rlhf config --help`-style listings."""
+    """Every field with its default and help, for `rlhf config`."""
     lines = []
-    for section in dataclasses.fields(RunConfig):
-        lines.append(f"{section.name}:")
-        for f in dataclasses.fields(section.type if isinstance(section.type, type)
-                                    else _section_fields(RunConfig)[section.name]):
+    for section, section_cls in _section_fields(RunConfig).items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(section_cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {f.name} = {default!r}: {f.metadata['help']}")
     return "\n".join(lines)

@@ -75,4 +75,4 @@ def shutdown_roles(roles: Roles) -> None:
 
     for actor in roles.workers + [roles.reference, roles.learner]:
         ray.kill(actor)
-    serve.delete("reward")
+    serve.shutdown()

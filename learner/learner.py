@@ -153,7 +153,7 @@ class PPOLearner:
         if dtype is not None:
             import copy
             model = copy.deepcopy(self.policy).to(torch_dtype(dtype))
-        rows = [Rollout(prompt_index=i, prompt_ids=p, response_ids=r, text="", logprobs=[], version=0,
+        rows = [Rollout(prompt_index=i, prompt_ids=p, response_ids=r, text="", logprobs=[], version=0, finished=True,
                         worker="") for i, (p, r) in enumerate(zip(prompt_ids, response_ids))]
         input_ids, attention_mask, resp, _ = pad_tokens(rows, self.pad_id)
         model.eval()

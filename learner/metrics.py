@@ -61,3 +61,31 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.summary.update(summary)
             self.wandb.finish()
+
+
+class MemoryWatch:
+    """Peak memory used on this machine while the job runs (all processes: driver, Ray, every role),
+    sampled once a second, above what was in use when the watch started."""
+
+    def __init__(self, interval_s: float = 1.0):
+        import threading
+
+        import psutil
+
+        self._used = lambda: psutil.virtual_memory().total - psutil.virtual_memory().available
+        self.baseline = self._used()
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self.peak = max(self.peak, self._used())
+
+    def peak_gib(self) -> float:
+        return (self.peak - self.baseline) / 2**30
+
+    def stop(self) -> float:
+        self._stop.set()
+        return self.peak_gib()

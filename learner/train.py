@@ -18,7 +18,7 @@ from actors.buffer import RolloutStream
 from actors.prompts import Prompt, load_prompts
 from cluster.launch import Roles, launch_roles, shutdown_roles, start_ray
 from cluster.models import resolve_model
-from learner.metrics import RunLogger
+from learner.metrics import MemoryWatch, RunLogger
 from reward_server.scorers import make_scorer, score_checked
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ def train(cfg) -> dict:
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
+    memory = MemoryWatch()
     model_path = resolve_model(cfg.model.path)
     train_prompts, eval_prompts = load_prompts(cfg.data, AutoTokenizer.from_pretrained(model_path))
     log.info("%d training prompts, %d held-out prompts from %s", len(train_prompts), len(eval_prompts),
@@ -35,12 +36,14 @@ def train(cfg) -> dict:
     start_ray(cfg.train)
     roles = launch_roles(cfg, model_path)
     try:
-        return _run(cfg, roles, train_prompts, eval_prompts, started)
+        return _run(cfg, roles, train_prompts, eval_prompts, started, memory)
     finally:
         shutdown_roles(roles)
+        memory.stop()
 
 
-def _run(cfg, roles: Roles, train_prompts: list[Prompt], eval_prompts: list[Prompt], started: float) -> dict:
+def _run(cfg, roles: Roles, train_prompts: list[Prompt], eval_prompts: list[Prompt], started: float,
+         memory: MemoryWatch) -> dict:
     gold = make_scorer(cfg.train.gold_scorer)
     logger = RunLogger(cfg.train.output_dir, cfg.to_dict(), cfg.train.wandb_mode, cfg.train.wandb_project,
                        cfg.train.steps)
@@ -101,7 +104,7 @@ def _run(cfg, roles: Roles, train_prompts: list[Prompt], eval_prompts: list[Prom
         "eval/gold_reward_gain": after["eval/gold_reward_mean"] - before["eval/gold_reward_mean"],
         "eval/kl_after": after["eval/kl_mean"],
         "samples_per_s": samples / elapsed, "tokens_per_s": total_tokens / elapsed,
-        "train_minutes": elapsed / 60, "total_minutes": (time.perf_counter() - started) / 60,
+        "train_minutes": elapsed / 60, "peak_memory_gib": memory.peak_gib(), "total_minutes": (time.perf_counter() - started) / 60,
         **{k: v for k, v in stream.stats().items() if not k.startswith("timing/")},
         "checkpoint": checkpoint,
     }

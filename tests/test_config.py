@@ -53,4 +53,4 @@ def test_cli_reports_config_error_without_traceback(capsys):
 def test_cli_lists_every_field_with_help(capsys):
     assert main(["config"]) == 0
     out = capsys.readouterr().out
-    assert "max_staleness = 1: 0 = on-policy" in out and "kl_target" in out
+    assert "max_staleness = 0: 0 = on-policy" in out and "kl_target" in out
