@@ -146,13 +146,9 @@ class PPOLearner:
         return {k: v.detach().to("cpu", self.inference_dtype) for k, v in self.policy.state_dict().items()}
 
     @torch.no_grad()
-    def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
-                 dtype: str | None = None) -> list[list[float]]:
-        """Per-token log-probs of given responses (temperature 1), in `dtype` weights if given."""
+    def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """Per-token log-probs of given responses (temperature 1) under the learner's weights."""
         model = self.policy
-        if dtype is not None:
-            import copy
-            model = copy.deepcopy(self.policy).to(torch_dtype(dtype))
         rows = [Rollout(prompt_index=i, prompt_ids=p, response_ids=r, text="", logprobs=[], version=0, finished=True,
                         worker="") for i, (p, r) in enumerate(zip(prompt_ids, response_ids))]
         input_ids, attention_mask, resp, _ = pad_tokens(rows, self.pad_id)
