@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import ray
 
@@ -93,11 +95,8 @@ def bench_steps(cfg_path, overrides, steps: int) -> None:
             cfg = load_config(cfg_path, [*overrides, f"train.steps={steps}", f"train.max_staleness={staleness}",
                                          f"train.output_dir={out}", "train.wandb_mode=disabled",
                                          f"train.eval_every={steps * 10}"])
-            import json
-            import pathlib
-
             summary = train(cfg)
-            rows = [json.loads(line) for line in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
+            rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if r["step"] >= 2] or [r for r in rows if r["step"] >= 1]
         stages = {k: statistics.mean(r[k] for r in rows) for k in rows[0] if k.startswith("timing/")
                   and not k.endswith("_total")}

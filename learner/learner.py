@@ -148,12 +148,11 @@ class PPOLearner:
     @torch.no_grad()
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Per-token log-probs of given responses (temperature 1) under the learner's weights."""
-        model = self.policy
         rows = [Rollout(prompt_index=i, prompt_ids=p, response_ids=r, text="", logprobs=[], version=0, finished=True,
                         worker="") for i, (p, r) in enumerate(zip(prompt_ids, response_ids))]
         input_ids, attention_mask, resp, _ = pad_tokens(rows, self.pad_id)
-        model.eval()
-        logits, _ = response_forward(model, input_ids.to(self.device), attention_mask.to(self.device),
+        self.policy.eval()
+        logits, _ = response_forward(self.policy, input_ids.to(self.device), attention_mask.to(self.device),
                                      resp.shape[1])
         lp = ppo_math.logprobs_from_logits(logits, resp.to(self.device)).cpu()
         return [lp[i, :len(r)].tolist() for i, r in enumerate(response_ids)]

@@ -72,7 +72,11 @@ class MemoryWatch:
 
         import psutil
 
-        self._used = lambda: psutil.virtual_memory().total - psutil.virtual_memory().available
+        def used() -> int:
+            vm = psutil.virtual_memory()  # one sample: total and available from the same moment
+            return vm.total - vm.available
+
+        self._used = used
         self.baseline = self._used()
         self.peak = self.baseline
         self._stop = threading.Event()
