@@ -75,32 +75,42 @@ def builtin_setbacks() -> list[str]:
 
 def read_rows(path: str, column: str) -> list:
     """The `column` values of a local JSONL/JSON/Parquet/CSV file or a Hub dataset, via `datasets`."""
-    import datasets
-
     if path == BUILTIN_SETBACKS:
         return builtin_setbacks()
+    ds = read_dataset(path, PromptDataError, f"one prompt per row in column {column!r}")
+    if column not in ds.column_names:
+        raise PromptDataError(f"{path} has no column {column!r}; its columns are {ds.column_names}. "
+                              f"Set data.prompt_column to the one that holds the prompts")
+    return ds[column]
+
+
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def read_dataset(path: str, error: type[Exception], holds: str):
+    """A local JSONL/JSON/Parquet/CSV file or a Hub dataset's train split, through `datasets`; any
+    failure is raised as `error` with what the file should hold."""
+    import datasets
+
     local = Path(path).expanduser()
-    formats = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     if local.exists():
-        if local.suffix not in formats:
-            raise PromptDataError(f"{path}: unknown file type {local.suffix!r}; use one of {', '.join(formats)}")
+        if local.suffix not in FILE_FORMATS:
+            raise error(f"{path}: unknown file type {local.suffix!r}; use one of {', '.join(FILE_FORMATS)}")
         if local.stat().st_size == 0:
-            raise PromptDataError(f"{path} is empty; it must hold one prompt per row in column {column!r}")
+            raise error(f"{path} is empty; it must hold {holds}")
         try:
-            ds = datasets.load_dataset(formats[local.suffix], data_files=str(local), split="train")
+            ds = datasets.load_dataset(FILE_FORMATS[local.suffix], data_files=str(local), split="train")
         except Exception as exc:  # datasets raises several types for unreadable files
-            raise PromptDataError(f"{path} could not be read as {formats[local.suffix]}: {exc}") from exc
+            raise error(f"{path} could not be read as {FILE_FORMATS[local.suffix]}: {exc}") from exc
     else:
         try:
             ds = datasets.load_dataset(path, split="train")
         except Exception as exc:
-            raise PromptDataError(f"{path!r} is neither a local file nor a reachable Hub dataset: {exc}") from exc
-    if column not in ds.column_names:
-        raise PromptDataError(f"{path} has no column {column!r}; its columns are {ds.column_names}. "
-                              f"Set data.prompt_column to the one that holds the prompts")
+            raise error(f"{path!r} is neither a local file nor a Hub dataset whose 'train' split could be "
+                        f"loaded: {exc}") from exc
     if len(ds) == 0:
-        raise PromptDataError(f"{path} has no rows")
-    return ds[column]
+        raise error(f"{path} has no rows")
+    return ds
 
 
 def encode(rows: list, tokenizer, max_tokens: int, system_prompt: str = "", source: str = "") -> list[Prompt]:

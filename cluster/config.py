@@ -88,6 +88,7 @@ class RewardConfig:
     num_cpus: float = opt(0.5, "Ray CPUs reserved by the reward server replica", ge=0.0)
     num_gpus: float = opt(0.0, "Ray GPUs reserved by the reward server replica", ge=0.0)
     device: str = opt("cpu", "device of a reward model scorer", choices=("cpu", "cuda"))
+    threads: int = opt(2, "torch CPU threads of a reward model scorer", ge=1)
 
 
 @dataclass
@@ -145,6 +146,56 @@ class TrainConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    path: str = opt("", "preference pairs: a local .jsonl/.json/.parquet/.csv file or a Hub dataset name")
+    form: str = opt("explicit", "`explicit`: prompt/chosen/rejected columns; `conversation`: chosen and "
+                    "rejected are whole dialogues sharing a prefix (Anthropic HH-RLHF)",
+                    choices=("explicit", "conversation"))
+    prompt_column: str = opt("prompt", "column of the prompt (explicit form)")
+    chosen_column: str = opt("chosen", "column of the preferred response or dialogue")
+    rejected_column: str = opt("rejected", "column of the other response or dialogue")
+    on_bad_row: str = opt("error", "a row with a missing column, an empty string or chosen == rejected: "
+                          "`error` lists them all and stops, `skip` drops and counts them", choices=("error", "skip"))
+    eval_path: str = opt("", "held-out pairs; empty = split `eval_fraction` of `path` off")
+    eval_fraction: float = opt(0.1, "share of `path` held out when `eval_path` is empty", gt=0.0, lt=1.0)
+    num_pairs: int = opt(256, "pairs `rlhf make-preferences` generates", ge=1)
+    labeller: str = opt("vader", "scorer that labels generated pairs (same forms as reward.scorer)")
+    flip_fraction: float = opt(0.2, "share of generated labels flipped, like annotators who disagree", ge=0.0, lt=0.5)
+    min_margin: float = opt(0.05, "generated pairs whose labeller scores differ by less are ties, dropped", ge=0.0)
+    seed: int = opt(0, "seed of the eval split, the label flips and the generation order")
+
+
+@dataclass
+class RewardModelConfig:
+    base: str = opt("embedded:smollm2-135m-instruct", "LM under the scalar head (same forms as model.path)")
+    output_dir: str = opt("runs/reward_model", "where the trained reward model (an HF directory) is saved")
+    lr: float = opt(2e-5, "AdamW learning rate of the LM", gt=0.0, lt=1.0)
+    head_lr: float = opt(1e-3, "AdamW learning rate of the freshly initialised scalar head", gt=0.0, lt=1.0)
+    epochs: int = opt(2, "passes over the training pairs", ge=1, le=100)
+    batch_size: int = opt(16, "pairs per optimiser step", ge=1)
+    max_length: int = opt(256, "longest conversation, tokens; longer ones lose their end", ge=16)
+    train_layers: int = opt(0, "train only the top k transformer blocks and the head; 0 = all", ge=0)
+    max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0.0)
+    dtype: str = opt("float32", "weight dtype while training", choices=DTYPES)
+    autocast: str = opt("bfloat16", "autocast compute dtype; `none` computes in `dtype`", choices=("none",) + DTYPES)
+    device: str = opt("cpu", "training device", choices=("cpu", "cuda"))
+    threads: int = opt(2, "torch CPU threads", ge=1)
+    seed: int = opt(0, "seed of the head initialisation and the batch order")
+
+
+@dataclass
+class WestOfNConfig:
+    n: int = opt(8, "samples per unlabelled prompt; the reward model's best and worst make a pair", ge=2, le=64)
+    num_prompts: int = opt(512, "unlabelled prompts per round, cycled from data.path's training split", ge=1)
+    quantile: float = opt(0.5, "keep pairs whose predicted preference probability is at or above this quantile "
+                          "of all pairs (Pace et al. 2024); 0 keeps all", ge=0.0, lt=1.0)
+    min_logprob: float = opt(-4.0, "drop responses whose mean per-token policy log-prob is below this; "
+                             "-inf keeps all")
+    rounds: int = opt(1, "self-training rounds: each round's reward model labels the next", ge=1, le=10)
+    output_dir: str = opt("runs/west_of_n", "where each round's pairs and reward model go")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -153,6 +204,9 @@ class RunConfig:
     reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    preferences: PreferenceConfig = dataclasses.field(default_factory=PreferenceConfig)
+    rm: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
+    west_of_n: WestOfNConfig = dataclasses.field(default_factory=WestOfNConfig)
 
     def validate(self) -> "RunConfig":
         for section in dataclasses.fields(self):

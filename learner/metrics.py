@@ -40,7 +40,8 @@ class RunLogger:
         """One line a person can read: rewards, KL, version lag, throughput, stage times, ETA."""
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(step, 1) * (self.total_steps - step)
-        evals = f" eval {m['eval/gold_reward_mean']:+.3f}" if "eval/gold_reward_mean" in m else ""
+        evals = (f" | held-out gold {m['eval/gold_reward_mean']:+.3f} proxy {m['eval/proxy_reward_mean']:+.3f}"
+                 if "eval/gold_reward_mean" in m else "")
         stages = " ".join(f"{k.split('/')[1]} {v:.1f}s" for k, v in m.items()
                           if k.startswith("timing/") and not k.endswith("_total"))
         line = (f"step {step}/{self.total_steps} | reward {m['rollout/score_mean']:+.3f}{evals} | "

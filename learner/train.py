@@ -54,8 +54,8 @@ def _run(cfg, roles: Roles, train_prompts: list[Prompt], eval_prompts: list[Prom
                            seed=cfg.data.seed)
     before = evaluate(roles, eval_prompts, gold, cfg)
     logger.log(0, before)
-    print(f"before training: held-out gold reward {before['eval/gold_reward_mean']:+.3f}, "
-          f"KL {before['eval/kl_mean']:.2f}", flush=True)
+    print(f"before training: held-out gold reward {before['eval/gold_reward_mean']:+.3f}, proxy reward "
+          f"({cfg.reward.scorer}) {before['eval/proxy_reward_mean']:+.3f}, KL {before['eval/kl_mean']:.2f}", flush=True)
     batch_size = cfg.train.prompts_per_step * cfg.generation.samples_per_prompt
     overlap = cfg.train.max_staleness > 0
     after, samples, total_tokens = before, 0, 0
@@ -102,6 +102,8 @@ def _run(cfg, roles: Roles, train_prompts: list[Prompt], eval_prompts: list[Prom
         "eval/gold_reward_before": before["eval/gold_reward_mean"],
         "eval/gold_reward_after": after["eval/gold_reward_mean"],
         "eval/gold_reward_gain": after["eval/gold_reward_mean"] - before["eval/gold_reward_mean"],
+        "eval/proxy_reward_before": before["eval/proxy_reward_mean"],
+        "eval/proxy_reward_after": after["eval/proxy_reward_mean"],
         "eval/kl_after": after["eval/kl_mean"],
         "samples_per_s": samples / elapsed, "tokens_per_s": total_tokens / elapsed,
         "train_minutes": elapsed / 60, "peak_memory_gib": memory.peak_gib(), "total_minutes": (time.perf_counter() - started) / 60,
@@ -114,8 +116,9 @@ def _run(cfg, roles: Roles, train_prompts: list[Prompt], eval_prompts: list[Prom
 
 
 def evaluate(roles: Roles, prompts: list[Prompt], gold, cfg) -> dict:
-    """Held-out prompts sampled by the current policy, judged by the gold scorer; KL is the sum over
-    response tokens of log pi - log pi_ref (the policy's log-probs as vLLM sampled them)."""
+    """Held-out prompts sampled by the current policy, judged by the gold scorer and by the reward server
+    (the proxy PPO optimises: a proxy that rises while gold falls is reward over-optimisation). KL is the
+    sum over response tokens of log pi - log pi_ref (the policy's log-probs as vLLM sampled them)."""
     n = len(roles.workers)
     shards = [prompts[i::n] for i in range(n)]
     refs = [w.generate.remote([(p.index, p.token_ids) for p in shard], cfg.train.eval_samples,
@@ -124,10 +127,13 @@ def evaluate(roles: Roles, prompts: list[Prompt], gold, cfg) -> dict:
     rollouts = [r for chunk in ray.get(refs) for r in chunk]
     rollouts = ray.get(roles.reference.ref_logprobs.remote(rollouts))
     texts = {p.index: p.text for p in prompts}
-    scores = score_checked(gold, [texts[r.prompt_index] for r in rollouts], [r.text for r in rollouts])
+    prompt_texts, responses = [texts[r.prompt_index] for r in rollouts], [r.text for r in rollouts]
+    proxy = roles.reward.score.remote(prompt_texts, responses)
+    scores = score_checked(gold, prompt_texts, responses)
     kls = [sum(a - b for a, b in zip(r.logprobs, r.ref_logprobs)) for r in rollouts]
     return {"eval/gold_reward_mean": statistics.mean(scores),
             "eval/gold_reward_std": statistics.pstdev(scores),
+            "eval/proxy_reward_mean": statistics.mean(proxy.result()),
             "eval/kl_mean": statistics.mean(kls),
             "eval/response_len": statistics.mean(len(r.response_ids) for r in rollouts),
             "eval/policy_version": min(r.version for r in rollouts)}

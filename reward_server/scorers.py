@@ -75,36 +75,12 @@ class RewardModelScorer:
                 f"a reward model needs exactly one (num_labels=1)")
         self.model.to(device).eval()
 
-        if self.tokenizer.pad_token is None:
-            if self.tokenizer.eos_token is None:
-                raise ValueError(f"the tokenizer in {path} has neither a pad nor an eos token; "
-                                 f"set tokenizer.pad_token and save it again")
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        # The classification head reads the hidden state of the last token that is not
-        # `config.pad_token_id`, so the model and the tokenizer must agree on the pad id.
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.config.get_text_config().pad_token_id = self.tokenizer.pad_token_id
-        # Right padding keeps every real token at the position it had when scored alone, which
-        # models with absolute position embeddings need; the truncated end is the response's.
-        self.tokenizer.padding_side = "right"
-        self.tokenizer.truncation_side = "right"
+        configure_padding(self.tokenizer, self.model, path)
         self.max_length = _max_length(self.tokenizer, self.model.config)
 
-    def encode(self, prompts: list[str], responses: list[str]):
+    def encode(self, prompts: list, responses: list[str]):
         """Token ids of the conversations, right-padded and right-truncated."""
-        common = dict(padding=True, truncation=True, max_length=self.max_length,
-                      return_tensors="pt")
-        if self.tokenizer.chat_template is None:
-            # The tokenizer's sentence-pair form: encoder reward models (e.g. OpenAssistant's
-            # DeBERTa ones) are trained on (question, answer) pairs with a separator between.
-            return self.tokenizer(prompts, responses, **common)
-        texts = [self.tokenizer.apply_chat_template(
-                     [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                     tokenize=False)
-                 for p, r in zip(prompts, responses)]
-        # The template writes its own special tokens (BOS, turn markers); adding them again
-        # would change the text the model was trained on.
-        return self.tokenizer(texts, add_special_tokens=False, **common)
+        return encode_conversations(self.tokenizer, prompts, responses, self.max_length)
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         rewards: list[float] = []
@@ -119,6 +95,39 @@ class RewardModelScorer:
 
     def __repr__(self) -> str:
         return f"RewardModelScorer({self.path!r})"
+
+
+def configure_padding(tokenizer, model, path: str = "") -> None:
+    """Padding that a scalar-head reward model reads correctly; trainer and scorer both use it."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer in {path} has neither a pad nor an eos token; "
+                             f"set tokenizer.pad_token and save it again")
+        tokenizer.pad_token = tokenizer.eos_token
+    # The classification head reads the hidden state of the last token that is not
+    # `config.pad_token_id`, so the model and the tokenizer must agree on the pad id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    # Right padding keeps every real token at the position it had when scored alone, which
+    # models with absolute position embeddings need; the truncated end is the response's.
+    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "right"
+
+
+def encode_conversations(tokenizer, prompts: list, responses: list[str], max_length: int):
+    """The conversations [user: prompt, assistant: response] as padded token ids; a prompt may also be
+    the list of messages before the final reply. Training and scoring must encode identically."""
+    from reward_server.preferences import conversation
+
+    common = dict(padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    if tokenizer.chat_template is None:
+        # The tokenizer's sentence-pair form: encoder reward models (e.g. OpenAssistant's
+        # DeBERTa ones) are trained on (question, answer) pairs with a separator between.
+        return tokenizer([p if isinstance(p, str) else p[-1]["content"] for p in prompts], responses, **common)
+    texts = [tokenizer.apply_chat_template(conversation(p, r), tokenize=False) for p, r in zip(prompts, responses)]
+    # The template writes its own special tokens (BOS, turn markers); adding them again
+    # would change the text the model was trained on.
+    return tokenizer(texts, add_special_tokens=False, **common)
 
 
 def _max_length(tokenizer, config) -> int:

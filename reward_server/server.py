@@ -76,6 +76,11 @@ class RewardServer:
 
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
+        if cfg.scorer.startswith("model:"):
+            import torch
+
+            # Ray gives a fractional-CPU replica one thread; a reward model wants the configured count.
+            torch.set_num_threads(cfg.threads)
         self.scorer = make_scorer(cfg.scorer, device=cfg.device)
         # `@serve.batch` fixes its limits when the class is defined; the run's config applies
         # them here (one replica per process, so the class-wide setting is this replica's).

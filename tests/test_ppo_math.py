@@ -3,7 +3,6 @@
 Padding positions deliberately hold large, inf or NaN values: a result that depends on them fails.
 """
 
-import math
 
 import pytest
 import torch

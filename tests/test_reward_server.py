@@ -5,7 +5,6 @@ reward becomes an error that names the item."""
 import math
 import httpx
 import pytest
-import ray
 from ray import serve
 
 from cluster.config import RewardConfig

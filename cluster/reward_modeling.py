@@ -1,0 +1,266 @@
+"""Reward-modeling jobs: a gold-labelled preference set, reward-model training, West-of-N self-training
+and Best-of-N sampling. Entry points of `rlhf make-preferences`, `train-rm`, `west-of-n` and `best-of-n`.
+
+Each job starts (or joins) Ray, launches the generation workers it needs from the run config and stops
+them when done; the reward model is trained in the job's own process (submit it with
+`ray job submit --entrypoint-num-gpus 1 ...` to train on a GPU node).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import statistics
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray
+
+from actors.prompts import Prompt, load_prompts
+from actors.rollout import Rollout
+from actors.sampling import mean_logprob, sample
+from cluster.launch import launch_worker, start_ray
+from cluster.models import resolve_model
+from reward_server.preferences import (PreferenceDataError, PreferencePair, load_preferences, split_pairs,
+                                       write_preferences)
+from reward_server.reward_model import RewardModelTrainer
+from reward_server.scorers import RewardModelScorer, make_scorer, score_checked
+from reward_server.west_of_n import Candidate, select_pairs
+
+log = logging.getLogger(__name__)
+
+
+def policy_prompts(cfg) -> tuple[str, list[Prompt], list[Prompt]]:
+    """(model path, training prompts, held-out prompts) of the run config's policy and data."""
+    from transformers import AutoTokenizer
+
+    model_path = resolve_model(cfg.model.path)
+    train, held_out = load_prompts(cfg.data, AutoTokenizer.from_pretrained(model_path))
+    return model_path, train, held_out
+
+
+@contextmanager
+def generation_workers(cfg, model_path: str):
+    """`generation.num_workers` workers of the policy at `model_path`, stopped on exit."""
+    start_ray(cfg.train)
+    workers = [launch_worker(cfg, model_path, i) for i in range(cfg.generation.num_workers)]
+    try:
+        ray.get([w.stats.remote() for w in workers])
+        yield workers
+    finally:
+        for worker in workers:
+            ray.kill(worker)
+
+
+def cycle(prompts: list[Prompt], count: int, seed: int) -> list[Prompt]:
+    """`count` prompts: the list shuffled by `seed`, repeated as often as needed."""
+    order = list(prompts)
+    random.Random(seed).shuffle(order)
+    return [order[i % len(order)] for i in range(count)]
+
+
+def label_pairs(prompts: list[Prompt], groups: list[list[Rollout]], labeller,
+                min_margin: float) -> tuple[list[PreferencePair], list[dict], int]:
+    """Pairs from the first two responses of each group, the one the labeller scores higher chosen.
+    Pairs whose scores differ by less than `min_margin`, or whose texts are equal, carry no preference
+    and are dropped. Returns (pairs, per-pair label columns, ties dropped)."""
+    firsts = [g[:2] for g in groups if len(g) >= 2]
+    texts = [p.text for p, g in zip(prompts, groups) if len(g) >= 2]
+    scores = score_checked(labeller, [t for t in texts for _ in (0, 1)], [r.text for g in firsts for r in g])
+    pairs, extra = [], []
+    for text, (a, b), sa, sb in zip(texts, firsts, scores[0::2], scores[1::2]):
+        if abs(sa - sb) < min_margin or a.text.strip() == b.text.strip():
+            continue
+        (win, s_win), (lose, s_lose) = sorted([(a, sa), (b, sb)], key=lambda x: -x[1])
+        pairs.append(PreferencePair(prompt=text, chosen=win.text, rejected=lose.text))
+        extra.append({"chosen_score": s_win, "rejected_score": s_lose, "flipped": False})
+    return pairs, extra, len(firsts) - len(pairs)
+
+
+def flip_labels(pairs: list[PreferencePair], extra: list[dict], fraction: float, seed: int) -> int:
+    """Swap chosen and rejected in exactly round(`fraction` * len(pairs)) pairs picked by `seed`, in place:
+    annotators agree with each other only 60-75% of the time (Ouyang et al. 2022 report ~73%), so a
+    preference set labelled without noise would flatter the reward model. Returns how many were flipped."""
+    flips = random.Random(seed).sample(range(len(pairs)), round(fraction * len(pairs)))
+    for i in flips:
+        pairs[i] = PreferencePair(prompt=pairs[i].prompt, chosen=pairs[i].rejected, rejected=pairs[i].chosen)
+        extra[i] = {"chosen_score": extra[i]["rejected_score"], "rejected_score": extra[i]["chosen_score"],
+                    "flipped": True}
+    return len(flips)
+
+
+def gold_pairs(workers, prompts: list[Prompt], count: int, labeller, flip_fraction: float, min_margin: float,
+               seed: int, label: str = "preference pairs") -> tuple[list[PreferencePair], list[dict]]:
+    """`count` labelled pairs of two fresh responses each (sampling again for the ties dropped), then
+    `flip_fraction` of them flipped."""
+    pairs, extra, round_ = [], [], 0
+    while len(pairs) < count:
+        # Ties are dropped, so ask for a quarter more than still needed.
+        want = max(8, int((count - len(pairs)) * 1.25))
+        chosen = cycle(prompts, want, seed + round_)
+        groups = sample(workers, chosen, 2, label=label)
+        new, new_extra, ties = label_pairs(chosen, groups, labeller, min_margin)
+        log.info("%s: %d pairs, %d ties dropped", label, len(new), ties)
+        pairs, extra, round_ = pairs + new, extra + new_extra, round_ + 1
+        if round_ > 20 and len(pairs) < count:
+            raise RuntimeError(f"{label}: after 20 rounds of sampling only {len(pairs)} of {count} pairs are not "
+                               f"ties; lower preferences.min_margin or use a more varied policy")
+    pairs, extra = pairs[:count], extra[:count]
+    flipped = flip_labels(pairs, extra, flip_fraction, seed)
+    log.info("%s: %d pairs, %d labels flipped", label, len(pairs), flipped)
+    return pairs, extra
+
+
+def make_preferences(cfg, out_path: str) -> str:
+    """`rlhf make-preferences`: a gold-labelled preference set from the policy's own samples."""
+    pc = cfg.preferences
+    model_path, train, _ = policy_prompts(cfg)
+    labeller = make_scorer(pc.labeller)
+    with generation_workers(cfg, model_path) as workers:
+        pairs, extra = gold_pairs(workers, train, pc.num_pairs, labeller, pc.flip_fraction, pc.min_margin, pc.seed)
+    write_preferences(out_path, pairs, extra)
+    print(f"wrote {len(pairs)} preference pairs to {out_path} (labelled by {pc.labeller}, "
+          f"{sum(e['flipped'] for e in extra)} labels flipped)")
+    return out_path
+
+
+def load_pair_sets(pc) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, held-out) pairs of a PreferenceConfig; skipped bad rows are counted in the log."""
+    if not pc.path:
+        raise PreferenceDataError("preferences.path is empty: give a preference file (explicit or conversation "
+                                  "form), or make one with `rlhf make-preferences`")
+
+    def read(path):
+        found = load_preferences(path, form=pc.form, prompt_column=pc.prompt_column, chosen_column=pc.chosen_column,
+                                 rejected_column=pc.rejected_column, on_bad_row=pc.on_bad_row)
+        if found.skipped:
+            log.warning("%s: skipped %d bad rows (preferences.on_bad_row=skip), e.g. %s", path, len(found.skipped),
+                        "; ".join(found.skipped[:3]))
+        return found.pairs
+
+    if pc.eval_path:
+        return read(pc.path), read(pc.eval_path)
+    return split_pairs(read(pc.path), pc.eval_fraction, pc.seed)
+
+
+def train_reward_model(cfg, train_pairs: list[PreferencePair], eval_pairs: list[PreferencePair],
+                       output_dir: str) -> tuple[RewardModelTrainer, list[dict]]:
+    """Train a reward model on the pairs, save it to `output_dir` with its per-epoch metrics (`history.json`)."""
+    log.info("training a reward model on %d pairs (%d held out) -> %s", len(train_pairs), len(eval_pairs), output_dir)
+    trainer = RewardModelTrainer(resolve_model(cfg.rm.base), cfg.rm)
+    history = trainer.train(train_pairs, eval_pairs)
+    trainer.save(output_dir)
+    (Path(output_dir) / "history.json").write_text(json.dumps(history, indent=1))
+    return trainer, history
+
+
+def train_rm_command(cfg) -> dict:
+    """`rlhf train-rm`: train on `preferences.path`, report held-out accuracy, save to `rm.output_dir`."""
+    train_pairs, eval_pairs = load_pair_sets(cfg.preferences)
+    path = cfg.rm.output_dir
+    _, history = train_reward_model(cfg, train_pairs, eval_pairs, path)
+    print(f"\nreward model saved to {path} (serve it with reward.scorer=model:{path})")
+    for h in history:
+        print(f"epoch {h['epoch']}: train loss {h['train/loss']:.3f}, held-out loss {h['eval/loss']:.3f}, "
+              f"held-out pair accuracy {h['eval/accuracy']:.3f}")
+    return history[-1]
+
+
+def score_groups(scorer, prompts: list[Prompt], groups: list[list[Rollout]]) -> list[list[float]]:
+    """The scorer's reward of every response, grouped like `groups`."""
+    flat = [(p.text, r.text) for p, g in zip(prompts, groups) for r in g]
+    rewards = iter(score_checked(scorer, [p for p, _ in flat], [r for _, r in flat]))
+    return [[next(rewards) for _ in g] for g in groups]
+
+
+def west_of_n_candidates(prompts: list[Prompt], groups: list[list[Rollout]],
+                         scores: list[list[float]]) -> list[tuple[str, list[Candidate]]]:
+    return [(p.text, [Candidate(r.text, s, mean_logprob(r)) for r, s in zip(g, gs)])
+            for p, g, gs in zip(prompts, groups, scores)]
+
+
+def west_of_n_command(cfg) -> list[dict]:
+    """`rlhf west-of-n`: rounds of self-training, starting from the reward model in `rm.output_dir`."""
+    wn = cfg.west_of_n
+    train_pairs, eval_pairs = load_pair_sets(cfg.preferences)
+    reward_model = cfg.rm.output_dir
+    if not (Path(reward_model) / "config.json").exists():
+        raise PreferenceDataError(f"rm.output_dir = {reward_model} holds no reward model; train the base one first "
+                                  f"with `rlhf train-rm` (same config)")
+    model_path, train_prompts, _ = policy_prompts(cfg)
+    scorer = RewardModelScorer(reward_model, device=cfg.rm.device)
+    results = []
+    for round_ in range(1, wn.rounds + 1):
+        out = Path(wn.output_dir) / f"round-{round_}"
+        prompts = cycle(train_prompts, wn.num_prompts, cfg.preferences.seed + round_)
+        with generation_workers(cfg, model_path) as workers:
+            groups = sample(workers, prompts, wn.n, label=f"West-of-{wn.n} samples")
+        candidates = west_of_n_candidates(prompts, groups, score_groups(scorer, prompts, groups))
+        synthetic, stats = select_pairs(candidates, wn.quantile, wn.min_logprob)
+        write_preferences(out / "pairs.jsonl", synthetic)
+        log.info("West-of-N round %d: %s", round_, stats)
+        reward_model = str(out / "model")
+        # this round's model labels the next round's samples
+        scorer, history = train_reward_model(cfg, train_pairs + synthetic, eval_pairs, reward_model)
+        results.append({"round": round_, "model": reward_model, **stats, **history[-1]})
+        print(f"round {round_}: {stats['west_of_n/pairs']} synthetic pairs + {len(train_pairs)} original -> "
+              f"{reward_model}, held-out pair accuracy {history[-1]['eval/accuracy']:.3f}")
+    return results
+
+
+def pick_best(scores: list[list[float]], n: int) -> list[int]:
+    """Per prompt, the index (among its first `n` responses) of the highest-scored one; first wins ties."""
+    return [max(range(min(n, len(s))), key=lambda i: s[i]) for s in scores]
+
+
+def best_of_n(workers, reward, prompts: list[Prompt], n: int) -> tuple[list[list[Rollout]], list[list[float]]]:
+    """`n` samples per prompt from the workers, each scored by the reward server (`reward` is its handle)."""
+    groups = sample(workers, prompts, n, label=f"Best-of-{n} samples")
+    return groups, score_groups(ServedScorer(reward), prompts, groups)
+
+
+class ServedScorer:
+    """The reward server's deployment handle as a Scorer."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return self.handle.score.remote(prompts, responses).result()
+
+
+def best_of_n_command(cfg, n: int, texts: list[str]) -> dict:
+    """`rlhf best-of-n`: for the given requests (or the held-out prompts) print the best of `n` samples
+    under `reward.scorer`; on held-out prompts also the gold reward of Best-of-N against one sample."""
+    from ray import serve
+
+    from reward_server.server import start_reward_server
+
+    model_path, _, held_out = policy_prompts(cfg)
+    if texts:
+        from actors.prompts import encode
+        from transformers import AutoTokenizer
+
+        prompts = encode(texts, AutoTokenizer.from_pretrained(model_path), cfg.data.max_prompt_tokens,
+                         cfg.data.system_prompt, "--prompt")
+    else:
+        prompts = held_out
+    with generation_workers(cfg, model_path) as workers:
+        try:
+            groups, scores = best_of_n(workers, start_reward_server(cfg.reward), prompts, n)
+        finally:
+            serve.shutdown()
+    best = pick_best(scores, n)
+    for p, g, s, b in zip(prompts[:10] if not texts else prompts, groups, scores, best):
+        print(f"\n> {p.text}\n[{cfg.reward.scorer} {s[b]:+.3f}, best of {n}] {g[b].text.strip()}")
+    if texts:
+        return {}
+    gold = make_scorer(cfg.train.gold_scorer)
+    chosen = score_checked(gold, [p.text for p in prompts], [g[b].text for g, b in zip(groups, best)])
+    first = score_checked(gold, [p.text for p in prompts], [g[0].text for g in groups])
+    result = {"best_of_n/gold_reward": statistics.mean(chosen), "one_sample/gold_reward": statistics.mean(first)}
+    print(f"\nheld-out prompts ({len(prompts)}): gold reward ({cfg.train.gold_scorer}) of best-of-{n} under "
+          f"{cfg.reward.scorer}: {result['best_of_n/gold_reward']:+.3f}; of one sample: "
+          f"{result['one_sample/gold_reward']:+.3f}")
+    return result

@@ -1,0 +1,117 @@
+"""`rlhf rm-report`: does West-of-N help our reward model, and how far does Best-of-N get?
+
+One run, four reward models trained the same way, all judged by pair accuracy on held-out pairs (held-out
+prompts, fresh samples, labelled by the gold scorer without flips, never seen in training):
+  (a) base: D gold-labelled pairs (with `preferences.flip_fraction` of the labels flipped);
+  (b) base + D West-of-N pairs, labelled by (a) and filtered (Pace et al. 2024);
+  (c) base + D more gold-labelled pairs: what a second round of human labelling would buy;
+  (d) base + D West-of-N pairs without the filters.
+Then the held-out gold reward of Best-of-N (N = 1, 4, 16) when the best is picked by reward model (a), by
+(b), and by the gold scorer itself (the ceiling). Everything is sampled from the initial policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ray import serve
+
+from actors.sampling import sample
+from cluster.reward_modeling import (ServedScorer, cycle, generation_workers, gold_pairs, pick_best, policy_prompts,
+                                     score_groups, train_reward_model, west_of_n_candidates)
+from reward_server.preferences import write_preferences
+from reward_server.scorers import make_scorer
+from reward_server.server import start_reward_server
+from reward_server.west_of_n import select_pairs
+
+log = logging.getLogger(__name__)
+
+BEST_OF = (1, 4, 16)
+
+
+def report(cfg, num_pairs: int, num_eval_pairs: int, out: str) -> dict:
+    start = time.perf_counter()
+    pc, wn = cfg.preferences, cfg.west_of_n
+    out_dir = Path(out)
+    model_path, train_prompts, held_out = policy_prompts(cfg)
+    gold = make_scorer(cfg.train.gold_scorer)
+    won_prompts = cycle(train_prompts, max(wn.num_prompts, num_pairs), pc.seed + 1)
+    with generation_workers(cfg, model_path) as workers:
+        labelled, _ = gold_pairs(workers, train_prompts, 2 * num_pairs, gold, pc.flip_fraction, pc.min_margin,
+                                 pc.seed, label="gold-labelled pairs")
+        eval_pairs, _ = gold_pairs(workers, held_out, num_eval_pairs, gold, 0.0, pc.min_margin, pc.seed + 100,
+                                   label="held-out pairs")
+        won_groups = sample(workers, won_prompts, wn.n, label=f"West-of-{wn.n} samples")
+        bon_groups = sample(workers, held_out, max(BEST_OF), label="Best-of-N samples")
+    base, extra_gold = labelled[:num_pairs], labelled[num_pairs:]
+    write_preferences(out_dir / "base_pairs.jsonl", base)
+    write_preferences(out_dir / "heldout_pairs.jsonl", eval_pairs)
+
+    models, accuracy, sizes = {}, {}, {}
+
+    def fit(name: str, pairs):
+        models[name] = str(out_dir / f"rm_{name}")
+        trainer, history = train_reward_model(cfg, pairs, eval_pairs, models[name])
+        accuracy[name], sizes[name] = history[-1]["eval/accuracy"], len(pairs)
+        return trainer
+
+    base_model = fit("a", base)
+    candidates = west_of_n_candidates(won_prompts, won_groups, score_groups(base_model, won_prompts, won_groups))
+    del base_model
+    filtered, filtered_stats = select_pairs(candidates, wn.quantile, wn.min_logprob)
+    unfiltered, _ = select_pairs(candidates, 0.0, -math.inf)
+    if len(filtered) < num_pairs:
+        log.warning("West-of-N kept %d pairs after its filters, fewer than D = %d; raise west_of_n.num_prompts",
+                    len(filtered), num_pairs)
+    write_preferences(out_dir / "west_of_n_pairs.jsonl", filtered[:num_pairs])
+    fit("b", base + filtered[:num_pairs])
+    fit("c", base + extra_gold)
+    fit("d", base + unfiltered[:num_pairs])
+
+    best_of = {"gold": bon_scores(gold, held_out, bon_groups, gold)}
+    for name in ("a", "b"):
+        handle = start_reward_server(replace(cfg.reward, scorer=f"model:{models[name]}"))
+        best_of[name] = bon_scores(ServedScorer(handle), held_out, bon_groups, gold)
+        serve.shutdown()
+
+    results = {"D": num_pairs, "held_out_pairs": len(eval_pairs), "train_pairs": sizes, "accuracy": accuracy,
+               "west_of_n": filtered_stats, "best_of_n_gold_reward": best_of, "held_out_prompts": len(held_out),
+               "minutes": (time.perf_counter() - start) / 60}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    print_table(cfg, results)
+    return results
+
+
+def bon_scores(scorer, prompts, groups, gold) -> dict[int, float]:
+    """Mean gold reward of the response `scorer` ranks best among the first N samples, for each N."""
+    scores = score_groups(scorer, prompts, groups)
+    gold_scores = scores if scorer is gold else score_groups(gold, prompts, groups)
+    return {n: statistics.mean(g[i] for g, i in zip(gold_scores, pick_best(scores, n))) for n in BEST_OF}
+
+
+def print_table(cfg, r: dict) -> None:
+    pc, wn = cfg.preferences, cfg.west_of_n
+    acc, sizes, stats = r["accuracy"], r["train_pairs"], r["west_of_n"]
+    d = r["D"]
+    print(f"\n=== reward modeling report ({r['minutes']:.1f} min) ===")
+    print(f"policy {cfg.model.path}, gold scorer {cfg.train.gold_scorer}, D = {d} pairs with "
+          f"{pc.flip_fraction:.0%} of labels flipped; West-of-{wn.n} on {stats['west_of_n/prompts']} prompts, "
+          f"confidence quantile {wn.quantile}, min mean log-prob {wn.min_logprob} "
+          f"({stats['west_of_n/low_likelihood_responses']} responses below it) -> {stats['west_of_n/pairs']} pairs kept")
+    print(f"\nheld-out pair accuracy ({r['held_out_pairs']} gold-labelled pairs on held-out prompts)")
+    rows = [("a", "base: D gold pairs"), ("b", "base + D West-of-N pairs"), ("c", "base + D more gold pairs"),
+            ("d", "base + D West-of-N pairs, no filters")]
+    print(f"  {'reward model':42s} {'train pairs':>11s} {'accuracy':>9s}")
+    for key, name in rows:
+        print(f"  ({key}) {name:38s} {sizes[key]:11d} {acc[key]:9.3f}")
+    bon = r["best_of_n_gold_reward"]
+    print(f"\nBest-of-N on {r['held_out_prompts']} held-out prompts: mean gold reward of the pick")
+    print(f"  {'N':>3s} {'by RM (a)':>10s} {'by RM (b)':>10s} {'by gold':>10s}")
+    for n in BEST_OF:
+        print(f"  {n:3d} {bon['a'][n]:+10.3f} {bon['b'][n]:+10.3f} {bon['gold'][n]:+10.3f}")

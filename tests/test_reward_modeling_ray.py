@@ -1,0 +1,49 @@
+"""The reward-modeling jobs on Ray with the tiny model and real vLLM: a gold-labelled preference set from
+the workers, a reward model trained on it, a West-of-N round, and Best-of-N under the reward server."""
+
+import json
+import math
+
+import pytest
+
+from cluster.config import load_config
+from cluster.reward_modeling import best_of_n_command, make_preferences, train_rm_command, west_of_n_command
+from reward_server.preferences import load_preferences
+from tests.conftest import free_port
+from tests.test_pipeline_ray import TINY
+
+pytestmark = pytest.mark.ray
+
+
+def tiny(tmp_path, *overrides):
+    return load_config(TINY, ["generation.num_workers=1", f"reward.port={free_port()}", "rm.epochs=1",
+                              f"rm.output_dir={tmp_path / 'rm'}", f"west_of_n.output_dir={tmp_path / 'won'}",
+                              *overrides])
+
+
+def test_preferences_reward_model_and_west_of_n_from_the_workers(ray_session, tmp_path):
+    pairs_file = make_preferences(tiny(tmp_path, "preferences.num_pairs=10", "preferences.flip_fraction=0.2"),
+                                  str(tmp_path / "pairs.jsonl"))
+    rows = [json.loads(line) for line in open(pairs_file)]
+    assert len(rows) == 10 and sum(r["flipped"] for r in rows) == 2
+    for r in rows:  # the labeller's preference, except where flipped on purpose
+        assert (r["chosen_score"] >= r["rejected_score"]) != r["flipped"] and r["chosen"] != r["rejected"]
+    assert len(load_preferences(pairs_file).pairs) == 10
+
+    cfg = tiny(tmp_path, f"preferences.path={pairs_file}", "preferences.eval_fraction=0.3",
+               "west_of_n.num_prompts=6", "west_of_n.n=3", "west_of_n.quantile=0.5", "west_of_n.min_logprob=-.inf")
+    final = train_rm_command(cfg)
+    assert (tmp_path / "rm" / "config.json").exists() and 0.0 <= final["eval/accuracy"] <= 1.0
+
+    (result,) = west_of_n_command(cfg)
+    synthetic = load_preferences(str(tmp_path / "won" / "round-1" / "pairs.jsonl")).pairs
+    # 6 prompts, at most one pair each, the less confident half dropped
+    assert len(synthetic) == result["west_of_n/pairs"] and 1 <= len(synthetic) <= 3
+    assert (tmp_path / "won" / "round-1" / "model" / "config.json").exists()
+
+
+def test_best_of_n_picks_what_the_reward_server_scores_highest(ray_session, tmp_path):
+    result = best_of_n_command(tiny(tmp_path, "reward.scorer=vader"), n=4, texts=[])
+    # the reward server is the gold scorer here, so its best of 4 can only beat one sample
+    assert result["best_of_n/gold_reward"] >= result["one_sample/gold_reward"]
+    assert math.isfinite(result["best_of_n/gold_reward"])
