@@ -40,6 +40,20 @@ def test_cross_field_checks():
         build_config({"data": {"max_prompt_tokens": 500}, "generation": {"max_model_len": 512}})
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtypes_use_bf16_only_where_the_hardware_has_it(monkeypatch, native):
+    import cluster.config
+
+    monkeypatch.setattr(cluster.config, "native_bf16", lambda device: device == "cuda" or native)
+    cfg = build_config({})
+    half = "bfloat16" if native else None
+    assert (cfg.generation.dtype, cfg.reference.dtype) == (half or "float32",) * 2
+    assert (cfg.ppo.autocast, cfg.rm.autocast) == (half or "none",) * 2
+    # on CUDA it is bf16 whatever the CPU; an explicit value is kept
+    cfg = build_config({"generation": {"device": "cuda"}, "reference": {"dtype": "float16"}})
+    assert (cfg.generation.dtype, cfg.reference.dtype, cfg.ppo.autocast) == ("bfloat16", "float16", half or "none")
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

@@ -35,6 +35,8 @@ def test_ppo_steps_advance_versions_within_the_staleness_bound(ray_session, tmp_
     # every batch is full, scored and penalised: a real update ran on it
     assert all(s["learner/tokens"] > 0 and s["loss/total"] == s["loss/total"] for s in updates)
     assert "eval/gold_reward_mean" in steps[0] and "eval/gold_reward_mean" in updates[-1]
+    # the proxy is the reward server's score of the same held-out samples: VADER here, so equal to gold
+    assert steps[0]["eval/proxy_reward_mean"] == pytest.approx(steps[0]["eval/gold_reward_mean"])
     assert summary["stream/rollouts_scored"] >= 4 * 8
 
 

@@ -1,5 +1,6 @@
 """The reward-modeling jobs on Ray with the tiny model and real vLLM: a gold-labelled preference set from
-the workers, a reward model trained on it, a West-of-N round, and Best-of-N under the reward server."""
+the workers, a reward model trained on it, PPO against it, a West-of-N round, and Best-of-N under the
+reward server."""
 
 import json
 import math
@@ -8,6 +9,7 @@ import pytest
 
 from cluster.config import load_config
 from cluster.reward_modeling import best_of_n_command, make_preferences, train_rm_command, west_of_n_command
+from learner.train import train
 from reward_server.preferences import load_preferences
 from tests.conftest import free_port
 from tests.test_pipeline_ray import TINY
@@ -34,6 +36,17 @@ def test_preferences_reward_model_and_west_of_n_from_the_workers(ray_session, tm
                "west_of_n.num_prompts=6", "west_of_n.n=3", "west_of_n.quantile=0.5", "west_of_n.min_logprob=-.inf")
     final = train_rm_command(cfg)
     assert (tmp_path / "rm" / "config.json").exists() and 0.0 <= final["eval/accuracy"] <= 1.0
+
+    # PPO against the learned reward model: the server serves it, and the held-out evaluation reports
+    # the gold scorer beside the proxy, so over-optimisation would show
+    summary = train(tiny(tmp_path, f"reward.scorer=model:{tmp_path / 'rm'}", "train.steps=2",
+                         f"train.output_dir={tmp_path / 'ppo'}"))
+    steps = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["policy_version"] == 2
+    evals = [s for s in steps if "eval/gold_reward_mean" in s]
+    assert [s["step"] for s in evals] == [0, 2]
+    for s in evals:
+        assert math.isfinite(s["eval/proxy_reward_mean"]) and s["eval/proxy_reward_mean"] != s["eval/gold_reward_mean"]
 
     (result,) = west_of_n_command(cfg)
     synthetic = load_preferences(str(tmp_path / "won" / "round-1" / "pairs.jsonl")).pairs
