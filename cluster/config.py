@@ -176,6 +176,10 @@ class RewardModelConfig:
     batch_size: int = opt(16, "pairs per optimiser step", ge=1)
     max_length: int = opt(256, "longest conversation, tokens; longer ones lose their end", ge=16)
     train_layers: int = opt(0, "train only the top k transformer blocks and the head; 0 = all", ge=0)
+    num_layers: int = opt(0, "keep only the lowest k transformer blocks of the base (the reward model is that "
+                          "deep); 0 = all", ge=0)
+    pooling: str = opt("last", "where the scalar head reads: `last` token (transformers' default) or `mean` "
+                       "over the response tokens", choices=("last", "mean"))
     max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0.0)
     dtype: str = opt("float32", "weight dtype while training", choices=DTYPES)
     autocast: str = opt("auto", AUTOCAST_HELP, choices=("auto", "none") + DTYPES)

@@ -3,7 +3,7 @@ Bradley-Terry loss, judged by held-out pair accuracy after every epoch.
 
 The saved directory is an ordinary `AutoModelForSequenceClassification` (num_labels=1) plus its
 tokenizer, which the reward server's `model:<dir>` scorer loads unchanged; both encode a pair with
-`encode_conversations`, so the model is scored on exactly the text it was trained on.
+`conversation_rewards`, so the model is scored on exactly the text and pooling it was trained with.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from reward_server.preferences import PreferencePair
-from reward_server.scorers import configure_padding, encode_conversations
+from reward_server.scorers import configure_padding, conversation_rewards
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,23 @@ class RewardModelTrainer:
     """Loads `base` with a fresh scalar head and trains it; a plain class, run in-process or in an actor."""
 
     def __init__(self, base_path: str, cfg):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(cfg.threads)
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         dtype = getattr(torch, cfg.dtype)
-        self.model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=dtype)
+        # rm.num_layers keeps only the lower blocks: the config saved with the model says so, and every
+        # loader builds the same truncated model.
+        depth = {"num_hidden_layers": cfg.num_layers} if cfg.num_layers else {}
+        base_depth = AutoConfig.from_pretrained(base_path).get_text_config().num_hidden_layers
+        if cfg.num_layers > base_depth:
+            raise ValueError(f"rm.num_layers = {cfg.num_layers} but {base_path} has {base_depth} blocks; "
+                             f"choose at most {base_depth} (0 keeps them all)")
+        self.model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=dtype,
+                                                                        **depth)
+        self.model.config.reward_pooling = cfg.pooling
         configure_padding(self.tokenizer, self.model, base_path)
         self.model.to(cfg.device)
         head = [p for n, p in self.model.named_parameters() if n.startswith("score.")]
@@ -76,11 +85,9 @@ class RewardModelTrainer:
 
     def rewards(self, prompts: list, responses: list[str]) -> torch.Tensor:
         """(B,) scalar reward of each (prompt, response), read at the last real token."""
-        batch = encode_conversations(self.tokenizer, prompts, responses, self.cfg.max_length)
-        batch = {k: v.to(self.cfg.device) for k, v in batch.items()}
         with self._autocast or nullcontext():
-            logits = self.model(**batch).logits  # (B, 1)
-        return logits[:, 0].float()
+            return conversation_rewards(self.model, self.tokenizer, prompts, responses, self.cfg.max_length,
+                                        self.cfg.device)
 
     def _pair_rewards(self, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) rewards of the chosen and of the rejected responses, in one forward pass."""

@@ -78,19 +78,13 @@ class RewardModelScorer:
         configure_padding(self.tokenizer, self.model, path)
         self.max_length = _max_length(self.tokenizer, self.model.config)
 
-    def encode(self, prompts: list, responses: list[str]):
-        """Token ids of the conversations, right-padded and right-truncated."""
-        return encode_conversations(self.tokenizer, prompts, responses, self.max_length)
-
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         rewards: list[float] = []
         with self._torch.no_grad():
             for start in range(0, len(prompts), self.batch_size):
                 end = start + self.batch_size
-                batch = self.encode(prompts[start:end], responses[start:end])
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                logits = self.model(**batch).logits  # (B, 1) reward read at the last real token
-                rewards.extend(logits[:, 0].float().cpu().tolist())
+                rewards.extend(conversation_rewards(self.model, self.tokenizer, prompts[start:end],
+                                                    responses[start:end], self.max_length, self.device).tolist())
         return rewards
 
     def __repr__(self) -> str:
@@ -128,6 +122,50 @@ def encode_conversations(tokenizer, prompts: list, responses: list[str], max_len
     # The template writes its own special tokens (BOS, turn markers); adding them again
     # would change the text the model was trained on.
     return tokenizer(texts, add_special_tokens=False, **common)
+
+
+POOLINGS = ("last", "mean")
+
+
+def conversation_rewards(model, tokenizer, prompts: list, responses: list[str], max_length: int, device):
+    """(B,) float32 reward of each conversation, pooled as `model.config.reward_pooling` says:
+    - `last` (the default, and any model saved without the field): the scalar head on the last real
+      token, transformers' own sequence-classification pooling;
+    - `mean`: the head on every response token, averaged. A linear head makes this the head applied to
+      the mean response state: a per-token score summed like a lexicon, which needs far fewer pairs
+      when the judge rewards what the words say (on SmolLM2 a linear probe of the last-token state was at
+      chance on 256 VADER-labelled pairs, of mean-pooled states 0.65)."""
+    batch = encode_conversations(tokenizer, prompts, responses, max_length)
+    pooling = getattr(model.config, "reward_pooling", "last")
+    if pooling == "last":
+        return model(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0].float()
+    if pooling != "mean" or not hasattr(model, "score"):
+        raise ValueError(f"reward_pooling = {pooling!r} in the model's config: use one of {POOLINGS}; `mean` "
+                         f"needs a decoder model whose scalar head is `score` (got {type(model).__name__})")
+    mask = response_mask(tokenizer, prompts, batch["attention_mask"]).to(device)  # (B, T) 1 on response tokens
+    hidden = model.base_model(input_ids=batch["input_ids"].to(device),
+                              attention_mask=batch["attention_mask"].to(device)).last_hidden_state  # (B, T, H)
+    per_token = model.score(hidden)[..., 0].float()  # (B, T) reward of each position
+    return (per_token * mask).sum(1) / mask.sum(1)
+
+
+def response_mask(tokenizer, prompts: list, attention_mask):
+    """(B, T) 1 where the token belongs to the final reply (its end-of-turn marker included), else 0: the
+    conversation's tokens after the prompt as the chat template writes it with the assistant header."""
+    from reward_server.preferences import conversation
+
+    mask = attention_mask.clone()
+    for i, prompt in enumerate(prompts):
+        if tokenizer.chat_template is None:
+            continue  # sentence-pair encoders: every token counts
+        header = tokenizer.apply_chat_template(conversation(prompt, "")[:-1], tokenize=False,
+                                               add_generation_prompt=True)
+        mask[i, :len(tokenizer(header, add_special_tokens=False).input_ids)] = 0
+    if (mask.sum(1) == 0).any():
+        row = int((mask.sum(1) == 0).nonzero()[0])
+        raise ValueError(f"conversation {row} has no response token left after truncating to the reward model's "
+                         f"longest input; shorten the prompt or raise rm.max_length")
+    return mask
 
 
 def _max_length(tokenizer, config) -> int:

@@ -4,6 +4,7 @@ accuracy on a separable toy set, and the saved model scored identically by the s
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from cluster.config import RewardConfig, build_config
 from cluster.models import prepare_tiny
 from reward_server.preferences import PreferencePair
 from reward_server.reward_model import RewardModelTrainer, bradley_terry_loss, pair_accuracy
-from reward_server.scorers import RewardModelScorer
+from reward_server.scorers import RewardModelScorer, encode_conversations, response_mask
 from tests.conftest import free_port
 
 WORDS = "the a train bus day morning shop coffee rain friend walk phone keys queue ticket window".split()
@@ -50,10 +51,11 @@ def toy_pairs(n: int, seed: int) -> list[PreferencePair]:
     return pairs
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+# the default head, and the mean-pooled one on a reward model cut to the lowest block of two
+@pytest.fixture(scope="module", params=[[], ["rm.pooling=mean", "rm.num_layers=1"]], ids=["last", "mean"])
+def trained(tmp_path_factory, request):
     cfg = build_config({}, ["rm.autocast=none", "rm.threads=1", "rm.lr=1e-3", "rm.head_lr=1e-2",
-                            "rm.epochs=2", "rm.batch_size=8"]).rm
+                            "rm.epochs=2", "rm.batch_size=8", *request.param]).rm
     trainer = RewardModelTrainer(prepare_tiny(), cfg)
     before = trainer.evaluate(toy_pairs(32, seed=1))
     history = trainer.train(toy_pairs(64, seed=0), toy_pairs(32, seed=1))
@@ -71,6 +73,9 @@ def test_training_on_the_tiny_model_separates_a_toy_preference_set(trained):
 
 def test_the_saved_model_scores_as_the_trainer_does(trained):
     trainer, _, path = trained
+    config = json.loads((Path(path) / "config.json").read_text())
+    assert config["reward_pooling"] == trainer.cfg.pooling
+    assert config["num_hidden_layers"] == (trainer.cfg.num_layers or 2)
     pairs = toy_pairs(6, seed=2)
     prompts, responses = [p.prompt for p in pairs], [p.chosen for p in pairs]
     scorer = RewardModelScorer(path)
@@ -102,6 +107,29 @@ def test_the_reward_server_serves_the_trained_model_unchanged(trained, ray_sessi
     assert served == pytest.approx(direct, abs=1e-5)
     assert reply.status_code == 200 and reply.json()["rewards"] == pytest.approx(direct, abs=1e-5)
     assert all(math.isfinite(r) for r in served)
+
+
+def test_response_mask_marks_exactly_the_reply_and_its_end_of_turn():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(prepare_tiny())
+    tokenizer.padding_side = "right"
+    dialogue = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "My train was late."}]
+    prompts, responses = ["My bus was late.", dialogue], ["A quiet hour to read.", "More time for coffee"]
+    batch = encode_conversations(tokenizer, prompts, responses, 256)
+    mask = response_mask(tokenizer, prompts, batch["attention_mask"])
+    for i, response in enumerate(responses):
+        reply = batch["input_ids"][i][mask[i].bool()]
+        assert tokenizer.decode(reply) == response + "<|im_end|>\n"
+    with pytest.raises(ValueError, match="no response token left"):
+        response_mask(tokenizer, prompts, encode_conversations(tokenizer, prompts, responses, 20)["attention_mask"])
+
+
+def test_rm_depth_beyond_the_base_is_refused():
+    cfg = build_config({}, ["rm.num_layers=3", "rm.autocast=none"]).rm
+    with pytest.raises(ValueError, match="rm.num_layers = 3 but .* has 2 blocks"):
+        RewardModelTrainer(prepare_tiny(), cfg)
 
 
 def test_train_rm_without_preference_data_says_what_to_do(capsys):

@@ -60,3 +60,24 @@ def test_best_of_n_picks_what_the_reward_server_scores_highest(ray_session, tmp_
     # the reward server is the gold scorer here, so its best of 4 can only beat one sample
     assert result["best_of_n/gold_reward"] >= result["one_sample/gold_reward"]
     assert math.isfinite(result["best_of_n/gold_reward"])
+
+
+def test_rm_report_trains_the_four_reward_models_and_prints_the_table(ray_session, tmp_path, capsys):
+    from cluster.rm_report import BEST_OF, report
+
+    cfg = tiny(tmp_path, "west_of_n.num_prompts=12", "west_of_n.n=4", "west_of_n.quantile=0.5",
+               "west_of_n.min_logprob=-.inf")
+    results = report(cfg, num_pairs=6, num_eval_pairs=6, out=str(tmp_path / "report"))
+    sizes = results["train_pairs"]
+    # (b) and (d) add at most D West-of-N pairs, (c) exactly D more gold ones
+    assert sizes["a"] == 6 and sizes["c"] == 12 and 6 < sizes["b"] <= 12 and 6 < sizes["d"] <= 12
+    assert all(0.0 <= results["accuracy"][k] <= 1.0 for k in "abcd")
+    for picker in ("a", "b", "gold"):
+        assert sorted(results["best_of_n_gold_reward"][picker]) == list(BEST_OF)
+    gold = results["best_of_n_gold_reward"]["gold"]
+    # picking by the gold scorer itself can only get better with more samples
+    assert gold[1] <= gold[4] <= gold[16]
+    for k in "abcd":
+        assert (tmp_path / "report" / f"rm_{k}" / "config.json").exists()
+    out = capsys.readouterr().out
+    assert "held-out pair accuracy" in out and "base + D West-of-N pairs, no filters" in out
