@@ -134,7 +134,7 @@ def conversation_rewards(model, tokenizer, prompts: list, responses: list[str], 
     - `mean`: the head on every response token, averaged. A linear head makes this the head applied to
       the mean response state: a per-token score summed like a lexicon, which needs far fewer pairs
       when the judge rewards what the words say (on SmolLM2 a linear probe of the last-token state was at
-      chance on 256 VADER-labelled pairs, of mean-pooled states 0.65)."""
+      chance on 256 VADER-labelled pairs, of layer 20's mean-pooled states 0.65)."""
     batch = encode_conversations(tokenizer, prompts, responses, max_length)
     pooling = getattr(model.config, "reward_pooling", "last")
     if pooling == "last":
