@@ -84,7 +84,7 @@ class RewardModelTrainer:
             module.requires_grad_(False)
 
     def rewards(self, prompts: list, responses: list[str]) -> torch.Tensor:
-        """(B,) scalar reward of each (prompt, response), read at the last real token."""
+        """(B,) scalar reward of each (prompt, response), pooled as `rm.pooling` says."""
         with self._autocast or nullcontext():
             return conversation_rewards(self.model, self.tokenizer, prompts, responses, self.cfg.max_length,
                                         self.cfg.device)
