@@ -51,6 +51,13 @@ class GenerationWorker:
         )
         self.tokenizer = self.llm.get_tokenizer()
         self._shapes = self._parameter_shapes()
+        self.metrics = None
+        import ray
+
+        if ray.is_initialized():  # an actor: export tokens and tokens/s (cluster/monitoring.py)
+            from cluster.monitoring import WorkerMetrics
+
+            self.metrics = WorkerMetrics(name)
         log.info("%s: vLLM engine up in %.1f s", name, time.perf_counter() - start)
 
     def _parameter_shapes(self) -> dict[str, tuple]:
@@ -71,6 +78,7 @@ class GenerationWorker:
         params = SamplingParams(
             n=n, temperature=self.cfg.temperature if temperature is None else temperature,
             top_p=self.cfg.top_p, max_tokens=max_tokens or self.cfg.max_new_tokens, logprobs=0)
+        start = time.perf_counter()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in prompts], params,
                                     use_tqdm=False)
         rollouts = []
@@ -83,6 +91,8 @@ class GenerationWorker:
                     logprobs=logprobs, version=self.version, worker=self.name,
                     finished=sample.finish_reason == "stop"))
                 self.tokens_generated += len(token_ids)
+        if self.metrics is not None:
+            self.metrics.record(sum(len(r.response_ids) for r in rollouts), time.perf_counter() - start)
         return rollouts
 
     def load_weights(self, version: int, state_dict: dict[str, torch.Tensor]) -> int:
@@ -121,4 +131,5 @@ class GenerationWorker:
         return result
 
     def stats(self) -> dict:
-        return {"name": self.name, "version": self.version, "tokens_generated": self.tokens_generated}
+        return {"name": self.name, "version": self.version, "tokens_generated": self.tokens_generated,
+                "pid": os.getpid()}

@@ -21,6 +21,7 @@ class Rollout:
     finished: bool  # ended with EOS rather than the length limit
     score: float | None = None  # reward server's scalar for the whole response
     ref_logprobs: list[float] | None = field(default=None, repr=False)  # frozen reference, per token
+    draw: int = -1  # serial number of the prompt draw it answers (set by the rollout stream)
 
 
 @dataclass

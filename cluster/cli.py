@@ -6,6 +6,8 @@
     rlhf west-of-n ...                                       West-of-N self-training rounds
     rlhf best-of-n --n 16 [--prompt TEXT ...] ...            Best-of-N sampling under reward.scorer
     rlhf rm-report ...                                       the reward-modeling comparison table
+    rlhf scale --workers N [--namespace NS] [--address A]   add or remove generation workers of a running job
+    rlhf status [--namespace NS] [--address A]               a running job's workers, version and counters
     rlhf prepare-model [NAME ...]                            convert the embedded model(s) now
     rlhf config [--config FILE] [...]                        every field with its help, or a run's config
 """
@@ -43,6 +45,12 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--pairs", type=int, default=256, help="D, the base reward model's pairs (%(default)s)")
     report.add_argument("--eval-pairs", type=int, default=256, help="held-out gold-labelled pairs (%(default)s)")
     report.add_argument("--out", default="runs/rm_report", help="where models and results go (%(default)s)")
+    job = argparse.ArgumentParser(add_help=False)
+    job.add_argument("--namespace", default="rlhf", help="the job's train.ray_namespace (%(default)s)")
+    job.add_argument("--address", default="", help="Ray cluster address (default: RAY_ADDRESS or the local one)")
+    scale = sub.add_parser("scale", parents=[job], help="add or remove generation workers of a running job")
+    scale.add_argument("--workers", type=int, required=True, help="generation workers the job should have")
+    sub.add_parser("status", parents=[job], help="a running job's workers, policy version and counters")
     prep = sub.add_parser("prepare-model", help="convert the embedded model(s) into HF directories now")
     prep.add_argument("names", nargs="*", default=["smollm2-135m-instruct"])
     show = sub.add_parser("config", help="print every config field with its default and help, or a run's config")
@@ -68,6 +76,23 @@ def run(args) -> None:
 
         for name in args.names:
             print(resolve_model(EMBEDDED_PREFIX + name))
+        return
+    if args.command in ("scale", "status"):
+        import json
+
+        import ray
+
+        from cluster.control import find_control
+
+        control = find_control(args.address, args.namespace)
+        if args.command == "scale":
+            if args.workers < 1:
+                raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+            ray.get(control.scale.remote(args.workers))
+            print(f"asked the job in namespace {args.namespace!r} for {args.workers} generation workers; it applies "
+                  f"the change within a second or two (new workers load the current weights first)")
+        else:
+            print(json.dumps(ray.get(control.get_status.remote()), indent=1))
         return
     if args.command == "config":
         if args.config or args.overrides:

@@ -32,6 +32,7 @@ def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = 
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 AUTO_HELP = "`auto`: bfloat16 on CUDA or on a CPU with native bf16 (AVX512-BF16/AMX), else float32"
 AUTOCAST_HELP = "autocast compute dtype; `none` computes in `dtype`; " + AUTO_HELP.replace("float32", "none")
 
@@ -73,6 +74,9 @@ class GenerationConfig:
     num_cpus: float = opt(1.0, "Ray CPUs reserved per worker", ge=0.0)
     num_gpus: float = opt(0.0, "Ray GPUs reserved per worker", ge=0.0)
     seed: int = opt(0, "sampling seed of worker 0 (worker i uses seed + i)")
+    max_restarts: int = opt(3, "times Ray restarts a worker whose process died (then it is replaced)", ge=0)
+    autoscale_min_workers: int = opt(0, "autoscaling on rollout-buffer depth: fewest workers; 0 = off", ge=0)
+    autoscale_max_workers: int = opt(0, "autoscaling on rollout-buffer depth: most workers", ge=0, le=64)
 
 
 @dataclass
@@ -91,6 +95,13 @@ class RewardConfig:
     num_gpus: float = opt(0.0, "Ray GPUs reserved by the reward server replica", ge=0.0)
     device: str = opt("cpu", "device of a reward model scorer", choices=("cpu", "cuda"))
     threads: int = opt(2, "torch CPU threads of a reward model scorer", ge=1)
+    timeout_s: float = opt(120.0, "longest wait for one scoring call before it counts as failed", gt=0.0)
+    retry_interval_s: float = opt(5.0, "pause between attempts while the reward server does not answer", ge=0.0)
+    unavailable_deadline_s: float = opt(600.0, "the job stops with an error once the reward server has not "
+                                        "answered for this long (it never scores a rollout 0 instead)", gt=0.0)
+    auth_token: str = opt("", "bearer token HTTP clients must send (`Authorization: Bearer <token>`); "
+                          "`env:NAME` reads it from an environment variable; required unless host is loopback")
+    max_request_bytes: int = opt(4_000_000, "largest HTTP request body accepted, bytes", ge=1024)
 
 
 @dataclass
@@ -144,6 +155,13 @@ class TrainConfig:
     ray_address: str = opt("", "Ray cluster address; empty = start (or join) a local one")
     ray_num_cpus: float = opt(8.0, "logical CPUs of a local Ray started by the job", gt=0.0)
     dashboard: bool = opt(True, "start the Ray dashboard with a local Ray")
+    ray_namespace: str = opt("rlhf", "Ray namespace of the job's named actors (`rlhf scale` looks there)")
+    max_learner_restarts: int = opt(1, "times a job whose learner died starts its roles again from the last "
+                                    "checkpoint before it gives up", ge=0)
+    checkpoint_every: int = opt(10, "write a resumable checkpoint every k steps (and at the end)", ge=1)
+    keep_checkpoints: int = opt(2, "resumable checkpoints kept in output_dir/checkpoints (oldest go first)", ge=1)
+    resume: str = opt("", "`auto`: continue from the last checkpoint in output_dir if there is one; a "
+                      "checkpoint directory: continue from it; empty: start afresh")
 
 
 @dataclass
@@ -227,6 +245,14 @@ class RunConfig:
         if self.train.buffer_size < self.generation.prompts_per_request:
             raise ConfigError(f"train.buffer_size ({self.train.buffer_size}) must hold at least one "
                               f"request (generation.prompts_per_request = {self.generation.prompts_per_request})")
+        gen = self.generation
+        if gen.autoscale_max_workers and not 1 <= gen.autoscale_min_workers <= gen.autoscale_max_workers:
+            raise ConfigError(f"generation.autoscale_min_workers ({gen.autoscale_min_workers}) must be between 1 and "
+                              f"generation.autoscale_max_workers ({gen.autoscale_max_workers}) when autoscaling is on")
+        if self.reward.host not in LOOPBACK and not self.reward.auth_token:
+            raise ConfigError(f"reward.host = {self.reward.host!r} listens beyond this machine; set reward.auth_token "
+                              f"(e.g. reward.auth_token=env:REWARD_TOKEN) so that only clients with the token are "
+                              f"served, or keep reward.host=127.0.0.1")
         if self.data.max_prompt_tokens + self.generation.max_new_tokens > self.generation.max_model_len:
             raise ConfigError(
                 f"data.max_prompt_tokens + generation.max_new_tokens ({self.data.max_prompt_tokens} + "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import ray
@@ -37,12 +38,12 @@ def start_ray(train_cfg) -> None:
     os.environ.update({k: v for k, v in ACTOR_ENV.items() if k not in os.environ})
     address = train_cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": ACTOR_ENV})
+        ray.init(address=address, namespace=train_cfg.ray_namespace, runtime_env={"env_vars": ACTOR_ENV})
     else:
         # Logical CPUs above the physical count: the roles take turns (generate, score, update) far more
         # than they run at once, and the learner and engines set their own thread counts.
         ray.init(num_cpus=int(train_cfg.ray_num_cpus), include_dashboard=train_cfg.dashboard,
-                 runtime_env={"env_vars": ACTOR_ENV})
+                 namespace=train_cfg.ray_namespace, runtime_env={"env_vars": ACTOR_ENV})
     log.info("Ray cluster: %s", ray.cluster_resources())
 
 
@@ -62,11 +63,23 @@ def launch_roles(cfg, model_path: str) -> Roles:
     return Roles(workers=workers, reference=reference, learner=learner, reward=reward)
 
 
-def launch_worker(cfg, model_path: str, index: int):
+def launch_worker(cfg, model_path: str, index: int, wait_s: float = 30.0):
+    """Generation worker `index`, named `generation-worker-<index>` in the dashboard. Ray restarts its
+    process up to `generation.max_restarts` times; calls in flight then fail (no task retries), and
+    the rollout stream re-issues their prompts."""
     gen = cfg.generation
-    return ray.remote(GenerationWorker).options(
-        name=f"generation-worker-{index}", num_cpus=gen.num_cpus, num_gpus=gen.num_gpus,
-    ).remote(f"generation-worker-{index}", model_path, gen, seed=gen.seed + index)
+    name = f"generation-worker-{index}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return ray.remote(GenerationWorker).options(
+                name=name, num_cpus=gen.num_cpus, num_gpus=gen.num_gpus, max_restarts=gen.max_restarts,
+                max_task_retries=0,
+            ).remote(name, model_path, gen, seed=gen.seed + index)
+        except ValueError:  # the name of a worker just killed is released a moment later
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def shutdown_roles(roles: Roles) -> None:
@@ -74,5 +87,5 @@ def shutdown_roles(roles: Roles) -> None:
     from ray import serve
 
     for actor in roles.workers + [roles.reference, roles.learner]:
-        ray.kill(actor)
+        ray.kill(actor, no_restart=True)
     serve.shutdown()

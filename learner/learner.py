@@ -178,5 +178,42 @@ class PPOLearner:
                     "kl_ctl": self.kl_ctl.state_dict()}, out / "value_head.pt")
         return str(out)
 
+    def save_checkpoint(self, path: str) -> str:
+        """Everything `load_checkpoint` needs to continue exactly: the policy (an HF directory under
+        `policy/`, with the value head), the optimizer's moments, the KL controller, the version and
+        the random state of the minibatch order."""
+        out = Path(path)
+        self.save(str(out / "policy"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
+                    "version": self.version, "generator": self.generator.get_state(),
+                    "torch_rng": torch.get_rng_state()}, out / "learner.pt")
+        return str(out)
+
+    def load_checkpoint(self, path: str) -> int:
+        """Continue from `save_checkpoint(path)`: its weights replace the ones the learner started from.
+        Returns the policy version."""
+        from safetensors.torch import load_file
+
+        out = Path(path)
+        weights = load_file(str(out / "policy" / "model.safetensors"))
+        missing, unexpected = self.policy.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight"]:
+            raise RuntimeError(f"checkpoint {out} does not fit the policy: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
+        head = torch.load(out / "policy" / "value_head.pt", map_location=self.device)
+        self.value_head.load_state_dict(head["value_head"])
+        state = torch.load(out / "learner.pt", map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.version = state["version"]
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        return self.version
+
     def get_version(self) -> int:
         return self.version
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 class RunLogger:
     def __init__(self, output_dir: str, config: dict, wandb_mode: str = "offline", project: str = "rlhf-ray",
-                 total_steps: int = 1):
+                 total_steps: int = 1, resume_id: str | None = None):
+        """`resume_id`: the W&B run of a job this one resumes, continued rather than started anew."""
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.dir / "metrics.jsonl", "a")
@@ -26,11 +27,26 @@ class RunLogger:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project=project, config=config, mode=wandb_mode, dir=str(self.dir),
-                                    name=self.dir.name)
+                                    name=self.dir.name, id=resume_id, resume="allow" if resume_id else None)
             log.info("W&B run %s (%s) in %s", self.wandb.id, wandb_mode, self.wandb.dir)
 
-    def log(self, step: int, metrics: dict) -> None:
-        record = {"step": step, "time": round(time.perf_counter() - self.started, 2), **metrics}
+    @property
+    def run_id(self) -> str | None:
+        return self.wandb.id if self.wandb is not None else None
+
+    def checkpoint(self, path: Path, step: int) -> None:
+        """Record a checkpoint as a W&B model artifact (a reference to the files, not a copy of them)."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"checkpoint-{self.wandb.id}", type="model", metadata={"step": step})
+        artifact.add_reference(Path(path).resolve().as_uri(), checksum=False)
+        self.wandb.log_artifact(artifact, aliases=[f"step-{step}", "latest"])
+
+    def log(self, step: int, metrics: dict, jsonl_only: dict | None = None) -> None:
+        """`jsonl_only`: values for metrics.jsonl alone (lists W&B would not chart)."""
+        record = {"step": step, "time": round(time.perf_counter() - self.started, 2), **metrics, **(jsonl_only or {})}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.wandb is not None:

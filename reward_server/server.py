@@ -13,10 +13,13 @@ a reward model busy when several generation workers each send a few responses.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hmac
+import os
 from dataclasses import dataclass
 
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, Field
+from fastapi import FastAPI, HTTPException, Request
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -51,6 +54,18 @@ class _Chunk:
     prompts: list[str]
     responses: list[str]
     first_index: int  # index of prompts[0] in the caller's request, for error messages
+
+
+_ITEMS = TypeAdapter(list[ScoreItem])
+
+
+def _parse_items(body: bytes) -> list[ScoreItem]:
+    """The request's items, or a 422 that says what is wrong where (FastAPI's own error format)."""
+    try:
+        return _ITEMS.validate_json(body)
+    except ValidationError as e:
+        errors = [{"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]} for err in e.errors()]
+        raise HTTPException(422, errors) from None
 
 
 def _count_items(chunks: list[_Chunk]) -> int:
@@ -137,10 +152,17 @@ class RewardServer:
         return await asyncio.to_thread(score_checked, self.scorer, prompts, responses, first_index)
 
     @app.post("/score", response_model=ScoreReply,
-              responses={413: {"description": "too many items or an over-long string"},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"type": "array", "items": ScoreItem.model_json_schema()}}}}},
+              responses={401: {"description": "no or wrong bearer token (when the server requires one)"},
+                         413: {"description": "too large a body, too many items or an over-long string"},
                          422: {"description": "the body is not a non-empty JSON list of items"},
                          500: {"description": "the scorer failed; the message names the item"}})
-    async def http_score(self, items: list[ScoreItem]) -> ScoreReply:
+    async def http_score(self, request: Request) -> ScoreReply:
+        # Checked in this order so that nothing is read from a caller without the token, and
+        # nothing too large is parsed.
+        self._check_token(request.headers.get("authorization", ""))
+        items = _parse_items(await self._read_body(request))
         self._check_limits(items)
         try:
             rewards = await self.score([i.prompt for i in items], [i.response for i in items])
@@ -151,6 +173,28 @@ class RewardServer:
     @app.get("/health", response_model=Health)
     async def health(self) -> Health:
         return Health(status="ok", scorer=self.cfg.scorer)
+
+    def _check_token(self, header: str) -> None:
+        if not self.cfg.auth_token:
+            return
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.cfg.auth_token.encode()):
+            raise HTTPException(401, "this reward server requires `Authorization: Bearer <token>` with the "
+                                     "token in its reward.auth_token", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.cfg.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"the request body is {declared} bytes; this server accepts at most "
+                                     f"{limit} (reward.max_request_bytes); split it into several requests")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise HTTPException(413, f"the request body is over {limit} bytes (reward.max_request_bytes); "
+                                         f"split it into several requests")
+        return bytes(body)
 
     def _check_limits(self, items: list[ScoreItem]) -> None:
         if not items:
@@ -188,7 +232,18 @@ def start_reward_server(cfg: RewardConfig) -> DeploymentHandle:
     in this Ray cluster on another address, Serve warns and `reward_url(cfg)` will be wrong.
     """
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    cfg = dataclasses.replace(cfg, auth_token=resolve_secret(cfg.auth_token))
     return serve.run(reward_app(cfg), name=APP_NAME, route_prefix=cfg.route_prefix)
+
+
+def resolve_secret(value: str) -> str:
+    """`env:NAME` -> the variable's value (so that the token stays out of configs and logs); else as given."""
+    if not value.startswith("env:"):
+        return value
+    name = value[4:]
+    if not os.environ.get(name):
+        raise ValueError(f"reward.auth_token = {value!r} but the environment variable {name} is not set or empty")
+    return os.environ[name]
 
 
 def reward_url(cfg: RewardConfig) -> str:

@@ -1,0 +1,182 @@
+"""Fault injection on the whole job (tiny model, real vLLM workers, the reward server on Serve): a killed
+generation worker, workers added and removed while the job runs, a reward server that goes away and
+comes back (or does not), a stop with `SIGTERM` (what `ray job stop` sends) and a resume, a killed learner.
+Each run must finish its steps with every prompt trained on exactly once."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+from ray import serve
+
+from cluster.checkpoint import complete_checkpoints
+from cluster.cli import DEFAULT_CONFIG
+from cluster.config import load_config
+from cluster.control import CONTROL_NAME
+from learner.train import train
+from reward_server.client import RewardClient, RewardServerUnavailable
+from reward_server.scorers import VaderScorer
+from reward_server.server import APP_NAME, start_reward_server
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.ray
+
+TINY = DEFAULT_CONFIG.parent / "tiny.yaml"
+
+
+def config(out, *overrides):
+    return load_config(TINY, [f"train.output_dir={out}", f"reward.port={free_port()}", "train.eval_every=100",
+                              *overrides])
+
+
+def steps_done(out) -> int:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return max((json.loads(line)["step"] for line in path.read_text().splitlines()), default=0)
+
+
+def wait_for(condition, timeout=300.0):
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise TimeoutError("the job did not get there in time")
+        time.sleep(0.2)
+
+
+class Chaos(threading.Thread):
+    """Runs `script` beside the job; re-raises its error in the test."""
+
+    def __init__(self, script):
+        super().__init__(daemon=True)
+        self.script, self.error = script, None
+
+    def run(self):
+        try:
+            self.script()
+        except BaseException as exc:  # noqa: BLE001 - reported by check()
+            self.error = exc
+
+    def check(self):
+        self.join(timeout=60)
+        if self.error:
+            raise self.error
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_every_prompt_once(summary):
+    assert summary["stream/prompts_trained_twice"] == 0
+    assert summary["stream/prompts_drawn"] == summary["stream/prompts_trained"] + summary["stream/prompts_pending"]
+    assert summary["stream/chunks_behind_weights"] == 0
+
+
+def test_killed_added_and_removed_workers_lose_no_prompt(ray_session, tmp_path):
+    """Workers run ahead of the learner (staleness 1), so the kill lands mid-generation. The job is long;
+    the script stops it (SIGTERM, as `ray job stop` does) once everything has happened."""
+    def status():
+        return ray.get(ray.get_actor(CONTROL_NAME).get_status.remote())
+
+    def script():
+        wait_for(lambda: steps_done(tmp_path) >= 1)
+        pid = ray.get(ray.get_actor("generation-worker-0").stats.remote())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: status()["recoveries_s"])  # Ray restarted it and it loaded the current weights
+        ray.get(ray.get_actor(CONTROL_NAME).scale.remote(3))  # what `rlhf scale --workers 3` sends
+        wait_for(lambda: any("first_version" in j for j in status()["joined"].values()))  # it has generated
+        ray.get(ray.get_actor(CONTROL_NAME).scale.remote(1))
+        wait_for(lambda: len(status()["workers"]) == 1)
+        at = steps_done(tmp_path)
+        wait_for(lambda: steps_done(tmp_path) >= at + 2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    chaos = Chaos(script)
+    chaos.start()
+    summary = train(config(tmp_path, "train.steps=500", "train.max_staleness=1", "train.checkpoint_every=1000"))
+    chaos.check()
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == summary["policy_version"] > 5
+    assert_every_prompt_once(summary)
+    assert summary["stream/worker_failures"] == 1 and len(summary["worker_recovery_s"]) == 1
+    assert summary["stream/workers_added"] == 1 and summary["stream/workers_removed"] == 2
+    assert summary["stream/workers"] == 1
+    (joined,) = summary["workers_joined"].values()  # the added worker's first rollouts: the current policy
+    assert joined["first_version"] == joined["current_version"] >= 2
+    assert all(r["version/lag_max"] <= 1 for r in records(tmp_path) if r["step"] > 0)
+
+
+def test_the_job_waits_for_the_reward_server_and_goes_on(ray_session, tmp_path):
+    cfg = config(tmp_path, "train.steps=3", "reward.timeout_s=5", "reward.retry_interval_s=1")
+
+    def script():
+        wait_for(lambda: steps_done(tmp_path) >= 1)
+        serve.delete(APP_NAME)
+        time.sleep(8)
+        start_reward_server(cfg.reward)
+
+    chaos = Chaos(script)
+    chaos.start()
+    summary = train(cfg)
+    chaos.check()
+    assert summary["steps"] == 3
+    assert summary["reward/retries"] >= 1 and summary["reward/seconds_unavailable"] > 3
+    assert_every_prompt_once(summary)
+
+
+def test_a_reward_server_gone_past_the_deadline_stops_with_a_clear_error(ray_session):
+    cfg = load_config(TINY, [f"reward.port={free_port()}", "reward.timeout_s=2", "reward.retry_interval_s=0.5",
+                             "reward.unavailable_deadline_s=3"]).reward
+    client = RewardClient(cfg, APP_NAME, start_reward_server(cfg))
+    assert client.score(["p"], ["a lovely day"]) == pytest.approx(VaderScorer().score(["p"], ["a lovely day"]))
+    serve.delete(APP_NAME)
+    started = time.time()
+    with pytest.raises(RewardServerUnavailable, match=r"has not answered for \d+ s \(reward.unavailable_deadline_s = 3\); last error: RayServeException"):
+        client.score(["p"], ["a lovely day"])
+    assert 3 <= time.time() - started < 30
+    assert client.counters["reward/retries"] >= 2
+
+
+def test_a_stopped_job_resumes_with_the_batch_an_uninterrupted_run_takes(ray_session, tmp_path):
+    steps = ["train.steps=3", "train.checkpoint_every=1"]
+    straight = train(config(tmp_path / "straight", *steps))
+    assert straight["steps"] == 3
+
+    stopped_dir = tmp_path / "stopped"
+
+    def script():
+        wait_for(lambda: steps_done(stopped_dir) >= 1)
+        os.kill(os.getpid(), signal.SIGTERM)  # what `ray job stop` sends the entrypoint
+
+    chaos = Chaos(script)
+    chaos.start()
+    stopped = train(config(stopped_dir, *steps))
+    chaos.check()
+    assert stopped["stopped_by"] == "SIGTERM" and stopped["steps"] < 3
+    k = stopped["steps"]
+    assert [int(p.name.split("-")[1]) for p in complete_checkpoints(str(stopped_dir))][-1] == k
+
+    resumed = train(config(stopped_dir, *steps, "train.resume=auto"))
+    assert resumed["steps"] == 3 and resumed["policy_version"] == 3
+    batch = {r["step"]: sorted(r["batch/prompt_indices"]) for r in records(tmp_path / "straight") if r["step"]}
+    after = [r for r in records(stopped_dir) if r["step"] == k + 1]
+    assert len(after) == 1 and sorted(after[0]["batch/prompt_indices"]) == batch[k + 1]
+    assert resumed["stream/prompts_trained"] == straight["stream/prompts_trained"]
+    assert_every_prompt_once(resumed)
+
+
+def test_a_killed_learner_is_recovered_from_the_last_checkpoint(ray_session, tmp_path):
+    def script():
+        wait_for(lambda: steps_done(tmp_path) >= 2)
+        os.kill(ray.get(ray.get_actor("learner").pid.remote()), signal.SIGKILL)
+
+    chaos = Chaos(script)
+    chaos.start()
+    summary = train(config(tmp_path, "train.steps=5", "train.checkpoint_every=1"))
+    chaos.check()
+    assert summary["steps"] == 5 and summary["policy_version"] == 5 and summary["learner_restarts"] == 1
+    assert_every_prompt_once(summary)
