@@ -80,11 +80,11 @@ def run(args) -> None:
     if args.command in ("scale", "status"):
         import json
 
-        import ray
-
         from cluster.control import find_control
 
         control = find_control(args.address, args.namespace)
+        import ray
+
         if args.command == "scale":
             if args.workers < 1:
                 raise ConfigError(f"--workers must be at least 1, got {args.workers}")

@@ -155,6 +155,9 @@ class TrainConfig:
     ray_address: str = opt("", "Ray cluster address; empty = start (or join) a local one")
     ray_num_cpus: float = opt(8.0, "logical CPUs of a local Ray started by the job", gt=0.0)
     dashboard: bool = opt(True, "start the Ray dashboard with a local Ray")
+    role_resources: bool = opt(False, "each role also asks for one unit of a custom resource named after it "
+                               "(generation, learner, reference, reward), so that it runs only on the nodes that "
+                               "declare that resource (cluster/deploy/*.yaml)")
     ray_namespace: str = opt("rlhf", "Ray namespace of the job's named actors (`rlhf scale` looks there)")
     max_learner_restarts: int = opt(1, "times a job whose learner died starts its roles again from the last "
                                     "checkpoint before it gives up", ge=0)

@@ -7,7 +7,8 @@ batches, so a request never interrupts an update. The actor lives and dies with 
 
 from __future__ import annotations
 
-import ray
+import os
+from pathlib import Path
 
 CONTROL_NAME = "control"
 
@@ -37,6 +38,8 @@ class JobControl:
 
 def start_control():
     """The job's control actor (replacing one a previous job left under the same name)."""
+    import ray
+
     try:
         ray.kill(ray.get_actor(CONTROL_NAME))
     except ValueError:
@@ -46,6 +49,13 @@ def start_control():
 
 def find_control(address: str, namespace: str):
     """The control actor of the job running in `namespace` on the cluster at `address`."""
+    # Present the cluster's token when there is one (Ray does so on its own only for address "auto").
+    # Ray reads the mode when it is imported, so this comes first.
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get(
+            "RAY_AUTH_TOKEN_PATH") or Path("~/.ray/auth_token").expanduser().is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+    import ray
+
     if not ray.is_initialized():
         ray.init(address=address or "auto", namespace=namespace, logging_level="warning")
     try:

@@ -22,6 +22,15 @@ ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "TOKE
              "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
 
 
+# Custom Ray resources the roles ask for with `train.role_resources` (one unit per actor or replica);
+# cluster/deploy/*.yaml declares them on the node types meant for each role.
+ROLE_RESOURCES = ("generation", "learner", "reference", "reward")
+
+
+def role_resources(cfg, role: str) -> dict:
+    return {role: 1} if cfg.train.role_resources else {}
+
+
 @dataclass
 class Roles:
     workers: list  # generation worker actor handles
@@ -51,12 +60,12 @@ def launch_roles(cfg, model_path: str) -> Roles:
     gen, ref, ppo = cfg.generation, cfg.reference, cfg.ppo
     workers = [launch_worker(cfg, model_path, i) for i in range(gen.num_workers)]
     reference = ray.remote(ReferenceModel).options(
-        name="reference", num_cpus=ref.num_cpus, num_gpus=ref.num_gpus,
+        name="reference", num_cpus=ref.num_cpus, num_gpus=ref.num_gpus, resources=role_resources(cfg, "reference"),
     ).remote(model_path, ref, temperature=gen.temperature)
     learner = ray.remote(PPOLearner).options(
-        name="learner", num_cpus=ppo.num_cpus, num_gpus=ppo.num_gpus,
+        name="learner", num_cpus=ppo.num_cpus, num_gpus=ppo.num_gpus, resources=role_resources(cfg, "learner"),
     ).remote(model_path, ppo, temperature=gen.temperature, inference_dtype=gen.dtype)
-    reward = start_reward_server(cfg.reward)
+    reward = start_reward_server(cfg.reward, resources=role_resources(cfg, "reward"))
     # Surface a role that failed to start now, with its own error, rather than at the first call.
     ray.get([w.stats.remote() for w in workers] + [learner.get_version.remote(),
                                                    reference.ref_logprobs.remote([])])
@@ -74,7 +83,7 @@ def launch_worker(cfg, model_path: str, index: int, wait_s: float = 30.0):
         try:
             return ray.remote(GenerationWorker).options(
                 name=name, num_cpus=gen.num_cpus, num_gpus=gen.num_gpus, max_restarts=gen.max_restarts,
-                max_task_retries=0,
+                max_task_retries=0, resources=role_resources(cfg, "generation"),
             ).remote(name, model_path, gen, seed=gen.seed + index)
         except ValueError:  # the name of a worker just killed is released a moment later
             if time.monotonic() > deadline:

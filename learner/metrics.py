@@ -14,12 +14,13 @@ log = logging.getLogger(__name__)
 
 class RunLogger:
     def __init__(self, output_dir: str, config: dict, wandb_mode: str = "offline", project: str = "rlhf-ray",
-                 total_steps: int = 1, resume_id: str | None = None):
+                 total_steps: int = 1, resume_id: str | None = None, first_step: int = 1):
         """`resume_id`: the W&B run of a job this one resumes, continued rather than started anew."""
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.dir / "metrics.jsonl", "a")
         self.total_steps = total_steps
+        self.first_step = first_step  # a resumed run's ETA counts the steps this process ran
         self.started = time.perf_counter()
         self.wandb = None
         if wandb_mode != "disabled":
@@ -30,32 +31,42 @@ class RunLogger:
                                     name=self.dir.name, id=resume_id, resume="allow" if resume_id else None)
             log.info("W&B run %s (%s) in %s", self.wandb.id, wandb_mode, self.wandb.dir)
 
-    @property
-    def run_id(self) -> str | None:
-        return self.wandb.id if self.wandb is not None else None
+        self.run_id = self.wandb.id if self.wandb is not None else None
+
+    def _to_wandb(self, send) -> None:
+        """`send(run)` if W&B is on. W&B failing (its background process gets `ray job stop`'s SIGTERM too,
+        say) turns W&B off with a warning; it never stops the job, and metrics.jsonl goes on."""
+        if self.wandb is None:
+            return
+        try:
+            send(self.wandb)
+        except Exception as exc:  # noqa: BLE001 - whatever W&B raises, the training goes on
+            log.warning("W&B stopped working (%s: %s); logging to %s only from here on", type(exc).__name__,
+                        str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "", self.jsonl.name)
+            self.wandb = None
 
     def checkpoint(self, path: Path, step: int) -> None:
         """Record a checkpoint as a W&B model artifact (a reference to the files, not a copy of them)."""
-        if self.wandb is None:
-            return
-        import wandb
+        def send(run):
+            import wandb
 
-        artifact = wandb.Artifact(f"checkpoint-{self.wandb.id}", type="model", metadata={"step": step})
-        artifact.add_reference(Path(path).resolve().as_uri(), checksum=False)
-        self.wandb.log_artifact(artifact, aliases=[f"step-{step}", "latest"])
+            artifact = wandb.Artifact(f"checkpoint-{run.id}", type="model", metadata={"step": step})
+            artifact.add_reference(Path(path).resolve().as_uri(), checksum=False)
+            run.log_artifact(artifact, aliases=[f"step-{step}", "latest"])
+
+        self._to_wandb(send)
 
     def log(self, step: int, metrics: dict, jsonl_only: dict | None = None) -> None:
         """`jsonl_only`: values for metrics.jsonl alone (lists W&B would not chart)."""
         record = {"step": step, "time": round(time.perf_counter() - self.started, 2), **metrics, **(jsonl_only or {})}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+        self._to_wandb(lambda run: run.log(metrics, step=step))
 
     def progress(self, step: int, m: dict) -> str:
         """One line a person can read: rewards, KL, version lag, throughput, stage times, ETA."""
         elapsed = time.perf_counter() - self.started
-        eta = elapsed / max(step, 1) * (self.total_steps - step)
+        eta = elapsed / max(step - self.first_step + 1, 1) * (self.total_steps - step)
         evals = (f" | held-out gold {m['eval/gold_reward_mean']:+.3f} proxy {m['eval/proxy_reward_mean']:+.3f}"
                  if "eval/gold_reward_mean" in m else "")
         stages = " ".join(f"{k.split('/')[1]} {v:.1f}s" for k, v in m.items()
@@ -67,17 +78,21 @@ class RunLogger:
         return line
 
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
-        if self.wandb is not None:
+        def send(run):
             import wandb
 
-            self.wandb.log({name: wandb.Table(columns=columns, data=rows)})
+            run.log({name: wandb.Table(columns=columns, data=rows)})
+
+        self._to_wandb(send)
 
     def close(self, summary: dict) -> None:
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.jsonl.close()
-        if self.wandb is not None:
-            self.wandb.summary.update(summary)
-            self.wandb.finish()
+        def send(run):
+            run.summary.update(summary)
+            run.finish()
+
+        self._to_wandb(send)
 
 
 class MemoryWatch:

@@ -125,7 +125,7 @@ def _run(cfg, roles: Roles, stream: RolloutStream, eval_prompts: list[Prompt], s
         # every worker starts from the initial policy: give them the checkpoint's weights first
         stream.broadcast(stream.learner_version, roles.learner.weights.remote(), block=True)
     logger = RunLogger(cfg.train.output_dir, cfg.to_dict(), cfg.train.wandb_mode, cfg.train.wandb_project,
-                       cfg.train.steps, resume_id=meta.get("wandb_id"))
+                       cfg.train.steps, resume_id=meta.get("wandb_id"), first_step=first_step)
     metrics_out = JobMetrics(Path(cfg.train.output_dir).name)
     if resume is None:
         before = evaluate(roles, stream, eval_prompts, gold, cfg)

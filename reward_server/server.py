@@ -213,18 +213,19 @@ class RewardServer:
                                              f"(reward.max_chars)")
 
 
-def reward_app(cfg: RewardConfig):
-    """The Serve application of the reward server, with its resources from the config."""
+def reward_app(cfg: RewardConfig, resources: dict | None = None):
+    """The Serve application of the reward server, with its resources from the config (and custom
+    `resources`, see `cluster.launch.role_resources`)."""
     deployment = serve.deployment(RewardServer, name="RewardServer")
     return deployment.options(
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "resources": resources or {}},
         # A batch of `max_batch_size` items may come from as many single-item requests, and all
         # of them must be let into the replica at once to be batched (Serve's default is 5).
         max_ongoing_requests=max(cfg.max_batch_size, 16),
     ).bind(cfg)
 
 
-def start_reward_server(cfg: RewardConfig) -> DeploymentHandle:
+def start_reward_server(cfg: RewardConfig, resources: dict | None = None) -> DeploymentHandle:
     """Start Serve's HTTP proxy on `cfg.host:cfg.port` and deploy the reward app at
     `cfg.route_prefix`; returns the handle the training loop scores through.
 
@@ -233,7 +234,7 @@ def start_reward_server(cfg: RewardConfig) -> DeploymentHandle:
     """
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     cfg = dataclasses.replace(cfg, auth_token=resolve_secret(cfg.auth_token))
-    return serve.run(reward_app(cfg), name=APP_NAME, route_prefix=cfg.route_prefix)
+    return serve.run(reward_app(cfg, resources), name=APP_NAME, route_prefix=cfg.route_prefix)
 
 
 def resolve_secret(value: str) -> str:

@@ -38,6 +38,35 @@ def test_cross_field_checks():
         build_config({"ppo": {"minibatch_size": 32}, "train": {"prompts_per_step": 8}})
     with pytest.raises(ConfigError, match="max_model_len"):
         build_config({"data": {"max_prompt_tokens": 500}, "generation": {"max_model_len": 512}})
+    with pytest.raises(ConfigError, match="autoscale_min_workers .0. must be between 1"):
+        build_config({"generation": {"autoscale_max_workers": 4}})
+
+
+def test_a_reward_server_beyond_loopback_needs_a_token(monkeypatch):
+    from reward_server.server import resolve_secret
+
+    with pytest.raises(ConfigError, match="reward.host = '0.0.0.0' listens beyond this machine; set reward.auth_token"):
+        build_config({}, ["reward.host=0.0.0.0"])
+    cfg = build_config({}, ["reward.host=0.0.0.0", "reward.auth_token=env:REWARD_TOKEN"])
+    monkeypatch.setenv("REWARD_TOKEN", "t0k")
+    assert resolve_secret(cfg.reward.auth_token) == "t0k" and resolve_secret("plain") == "plain"
+    monkeypatch.delenv("REWARD_TOKEN")
+    with pytest.raises(ValueError, match="REWARD_TOKEN is not set"):
+        resolve_secret(cfg.reward.auth_token)
+
+
+def test_resume_names_a_complete_checkpoint(tmp_path):
+    from cluster.checkpoint import resume_from
+
+    assert resume_from("", str(tmp_path)) is None and resume_from("auto", str(tmp_path)) is None
+    for step, complete in [(2, True), (4, True), (6, False)]:
+        path = tmp_path / "checkpoints" / f"step-{step:06d}"
+        path.mkdir(parents=True)
+        if complete:
+            (path / "meta.json").write_text("{}")
+    assert resume_from("auto", str(tmp_path)).name == "step-000004"  # step 6 was never finished
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        resume_from(str(tmp_path / "checkpoints" / "step-000006"), str(tmp_path))
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -124,3 +124,31 @@ def test_a_bad_item_fails_only_its_own_request(nan_server):
     assert good.result() == pytest.approx(VaderScorer().score([PROMPT] * 2, ["great", "sad"]))
     with pytest.raises(ScoringError, match="item 1"):
         bad.result()
+
+
+@pytest.fixture(scope="module")
+def guarded_server(server):
+    """A third app that wants a bearer token and takes bodies of at most 2 KiB."""
+    cfg = RewardConfig(scorer="vader", port=server[0].port, route_prefix="/reward-guarded", auth_token="s3cret",
+                       max_request_bytes=2048)
+    serve.run(reward_app(cfg), name="reward-guarded", route_prefix=cfg.route_prefix)
+    return cfg, server[2]
+
+
+@pytest.mark.parametrize("header, status", [(None, 401), ("Bearer wrong", 401), ("s3cret", 401),
+                                            ("Basic s3cret", 401), ("Bearer s3cret", 200), ("bearer s3cret", 200)])
+def test_a_server_with_a_token_serves_only_callers_that_send_it(guarded_server, header, status):
+    cfg, client = guarded_server
+    headers = {"Authorization": header} if header else {}
+    reply = client.post(reward_url(cfg), json=_items(["great"]), headers=headers)
+    assert reply.status_code == status, reply.text
+    if status == 401:
+        assert "Bearer" in reply.text and reply.headers["www-authenticate"] == "Bearer"
+
+
+def test_an_oversized_body_is_refused_before_it_is_parsed(guarded_server):
+    cfg, client = guarded_server
+    auth = {"Authorization": "Bearer s3cret"}
+    reply = client.post(reward_url(cfg), json=_items(["x" * 100] * 30), headers=auth)
+    assert reply.status_code == 413 and "reward.max_request_bytes" in reply.text
+    assert client.post(reward_url(cfg), json=_items(["great"]), headers=auth).status_code == 200
