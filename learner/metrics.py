@@ -58,7 +58,8 @@ class RunLogger:
 
     def log(self, step: int, metrics: dict, jsonl_only: dict | None = None) -> None:
         """`jsonl_only`: values for metrics.jsonl alone (lists W&B would not chart)."""
-        record = {"step": step, "time": round(time.perf_counter() - self.started, 2), **metrics, **(jsonl_only or {})}
+        record = {"step": step, "time": round(time.perf_counter() - self.started, 2), "wall_time": time.time(),
+                  **metrics, **(jsonl_only or {})}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         self._to_wandb(lambda run: run.log(metrics, step=step))
