@@ -202,7 +202,8 @@ class PPOLearner:
                                f"unexpected {unexpected[:3]}")
         head = torch.load(out / "policy" / "value_head.pt", map_location=self.device)
         self.value_head.load_state_dict(head["value_head"])
-        state = torch.load(out / "learner.pt", map_location=self.device, weights_only=False)
+        # On the CPU: the random states must stay CPU byte tensors; the optimizer moves its moments itself.
+        state = torch.load(out / "learner.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.version = state["version"]
