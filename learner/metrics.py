@@ -86,6 +86,11 @@ class RunLogger:
 
         self._to_wandb(send)
 
+    def abandon(self) -> None:
+        """Close without a summary: the job goes on in a new attempt (which continues the W&B run)."""
+        self.jsonl.close()
+        self._to_wandb(lambda run: run.finish(exit_code=1))
+
     def close(self, summary: dict) -> None:
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.jsonl.close()

@@ -3,6 +3,10 @@
 Generation, scoring and reference log-probs stream through `RolloutStream` (actors/buffer.py); the
 loop below takes batches from it, runs the learner's update and broadcasts the new weights. With
 `train.max_staleness` >= 1 the workers keep generating while the learner trains.
+
+Around the loop: resumable checkpoints every `train.checkpoint_every` steps (cluster/checkpoint.py), a
+graceful stop on SIGTERM (`ray job stop`) or Ctrl-C, and, if the learner's process dies, a fresh start of
+the roles from the last checkpoint. Worker failures and membership changes are the stream's business.
 """
 
 from __future__ import annotations
@@ -153,6 +157,7 @@ def _run(cfg, roles: Roles, stream: RolloutStream, eval_prompts: list[Prompt], s
         except RayActorError as exc:
             if _alive(roles.learner):
                 raise
+            logger.abandon()
             raise LearnerLost(f"{type(exc).__name__} at step {step}") from exc
         tokens = sum(len(r.response_ids) for r in rollouts)
         samples, total_tokens = samples + len(rollouts), total_tokens + tokens
@@ -169,6 +174,7 @@ def _run(cfg, roles: Roles, stream: RolloutStream, eval_prompts: list[Prompt], s
             try:
                 save_checkpoint(step)
             except RayActorError as exc:
+                logger.abandon()
                 raise LearnerLost(f"{type(exc).__name__} while writing the checkpoint of step {step}") from exc
         if stop.requested:
             break
