@@ -88,6 +88,7 @@ class RolloutStream:
         self.weights_version = 0
         self.updating = False  # an update is running: what is generated now is trained on after it
         self.wanted = 0  # rollouts the learner is waiting for; on-policy mode generates no more than that
+        self.batch = 0  # rollouts per batch, known from the first `take`
         self.counters = {"prompts_drawn": 0, "prompts_reissued": 0, "prompts_trained": 0, "prompts_trained_twice": 0,
                          "rollouts_scored": 0, "rollouts_dropped_stale": 0, "worker_failures": 0,
                          "workers_replaced": 0, "workers_added": 0, "workers_removed": 0, "chunks_behind_weights": 0}
@@ -139,8 +140,11 @@ class RolloutStream:
         for i, worker in list(self.workers.items()):
             if i in busy or i in self.syncing or self.worker_versions[i] < self._usable_version():
                 continue
-            # On-policy, anything beyond the current batch would be stale by the time it is trained on.
-            limit = self.capacity if self.max_staleness > 0 else self.wanted
+            # On-policy, anything beyond the current batch would be stale by the time it is trained on; with
+            # staleness k, anything beyond k batches ahead of the learner would be too.
+            limit = self.wanted
+            if self.max_staleness > 0:
+                limit = min(self.capacity, self.max_staleness * self.batch) if self.batch else self.capacity
             if len(self.buffer) + self._in_flight() >= limit:
                 return
             chunk = _Chunk(worker=i, draws=self._next_prompts(self.prompts_per_request), started=time.perf_counter(),
@@ -369,6 +373,7 @@ class RolloutStream:
     # --- the learner's side ----------------------------------------------------------------------
     def take(self, n: int) -> list[Rollout]:
         """The next n rollouts fresh enough for the update at `learner_version`, pumping until there are."""
+        self.batch = n
         self.autoscale(n)
         while True:
             oldest = self.learner_version - self.max_staleness
