@@ -89,6 +89,7 @@ class RolloutStream:
         self.updating = False  # an update is running: what is generated now is trained on after it
         self.wanted = 0  # rollouts the learner is waiting for; on-policy mode generates no more than that
         self.batch = 0  # rollouts per batch, known from the first `take`
+        self.last_dispatch: dict[int, float] = {}  # worker -> when it was last handed prompts
         self.counters = {"prompts_drawn": 0, "prompts_reissued": 0, "prompts_trained": 0, "prompts_trained_twice": 0,
                          "rollouts_scored": 0, "rollouts_dropped_stale": 0, "worker_failures": 0,
                          "workers_replaced": 0, "workers_added": 0, "workers_removed": 0, "chunks_behind_weights": 0}
@@ -137,7 +138,9 @@ class RolloutStream:
 
     def _dispatch(self) -> None:
         busy = {c.worker for c in self.generating.values()}
-        for i, worker in list(self.workers.items()):
+        # The worker idle longest goes first: a new one gets work even when only a few chunks fit.
+        for i in sorted(self.workers, key=lambda w: self.last_dispatch.get(w, 0.0)):
+            worker = self.workers[i]
             if i in busy or i in self.syncing or self.worker_versions[i] < self._usable_version():
                 continue
             # On-policy, anything beyond the current batch would be stale by the time it is trained on; with
@@ -151,6 +154,7 @@ class RolloutStream:
                            version=self.worker_versions[i])
             ref = worker.generate.remote([(p.index, p.token_ids) for p in chunk.prompts], self.n)
             self.generating[ref] = chunk
+            self.last_dispatch[i] = chunk.started
 
     def pump(self, timeout: float = 0.05) -> None:
         """Hand out prompts to idle workers and move finished work one stage on."""

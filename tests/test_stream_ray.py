@@ -142,11 +142,10 @@ def test_an_added_worker_generates_with_the_current_weights(ray_session):
 
 def test_a_removed_worker_gives_back_its_unfinished_prompts(ray_session):
     stream = make_stream(workers(3, delay_s=0.5), staleness=2, buffer_size=64)
+    # with staleness 2 the workers run two batches ahead: catch worker 2 while it is generating
     batches = [step(stream)]
-    # with staleness 2 the workers run two batches ahead: the one removed is generating now
-    deadline = time.time() + 10
-    while not any(c.worker == 2 for c in stream.generating.values()) and time.time() < deadline:
-        stream.pump()
+    while not any(c.worker == 2 for c in stream.generating.values()) and len(batches) < 10:
+        batches.append(step(stream))
     assert any(c.worker == 2 for c in stream.generating.values())
     stream.remove_worker(2)
     assert stream.counters["workers_removed"] == 1 and 2 not in stream.workers
