@@ -111,7 +111,7 @@ def test_killed_added_and_removed_workers_lose_no_prompt(ray_session, tmp_path):
 
 
 def test_the_job_waits_for_the_reward_server_and_goes_on(ray_session, tmp_path):
-    cfg = config(tmp_path, "train.steps=3", "reward.timeout_s=5", "reward.retry_interval_s=1")
+    cfg = config(tmp_path, "train.steps=6", "reward.timeout_s=5", "reward.retry_interval_s=1")
 
     def script():
         wait_for(lambda: steps_done(tmp_path) >= 1)
@@ -123,7 +123,7 @@ def test_the_job_waits_for_the_reward_server_and_goes_on(ray_session, tmp_path):
     chaos.start()
     summary = train(cfg)
     chaos.check()
-    assert summary["steps"] == 3
+    assert summary["steps"] == 6
     assert summary["reward/retries"] >= 1 and summary["reward/seconds_unavailable"] > 3
     assert_every_prompt_once(summary)
 
@@ -135,7 +135,8 @@ def test_a_reward_server_gone_past_the_deadline_stops_with_a_clear_error(ray_ses
     assert client.score(["p"], ["a lovely day"]) == pytest.approx(VaderScorer().score(["p"], ["a lovely day"]))
     serve.delete(APP_NAME)
     started = time.time()
-    with pytest.raises(RewardServerUnavailable, match=r"has not answered for \d+ s \(reward.unavailable_deadline_s = 3\); last error: RayServeException"):
+    expected = r"has not answered for \d+ s \(reward.unavailable_deadline_s = 3\); last error: RayServeException"
+    with pytest.raises(RewardServerUnavailable, match=expected):
         client.score(["p"], ["a lovely day"])
     assert 3 <= time.time() - started < 30
     assert client.counters["reward/retries"] >= 2
