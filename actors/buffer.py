@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import ray
@@ -45,7 +45,6 @@ class _Chunk:
     draws: list[tuple[int, Prompt]]  # (draw number, prompt)
     started: float
     version: int  # the newest weights sent to the worker when the chunk was handed out
-    rollouts: list[Rollout] = field(default_factory=list)
 
     @property
     def prompts(self) -> list[Prompt]:
@@ -190,7 +189,6 @@ class RolloutStream:
         if chunk.worker in self.joined and "first_version" not in self.joined[chunk.worker]:
             self.joined[chunk.worker].update(first_version=rollouts[0].version if rollouts else -1,
                                              current_version=chunk.version)
-        chunk.rollouts = rollouts
         self.timings["generate"] += time.perf_counter() - chunk.started
         chunk.started = time.perf_counter()
         reward = self.reward.submit([self.by_index[r.prompt_index].text for r in rollouts], [r.text for r in rollouts])
@@ -212,11 +210,10 @@ class RolloutStream:
         (Ray restarts the actor; one that is dead for good, or not back in RECOVER_TIMEOUT_S, is replaced)."""
         if i not in self.workers:
             return
-        lost = list(chunk.draws) if chunk else []
-        for ref, c in list(self.generating.items()):  # whatever else it was generating is lost too
-            if c.worker == i:
-                lost += self.generating.pop(ref).draws
-        self._issue_again(lost)
+        lost = self._take_back(i)  # whatever else it was generating is lost too
+        if chunk is not None:
+            self._issue_again(chunk.draws)
+            lost += chunk.draws
         now = time.perf_counter()
         if i not in self.down_since:
             self.counters["worker_failures"] += 1
@@ -231,6 +228,12 @@ class RolloutStream:
             self.syncing[i] = 0
         if not self._has_load(i) and i not in self.retry_at:
             self.retry_at[i] = now + SYNC_RETRY_S
+
+    def _take_back(self, i: int) -> list[tuple[int, Prompt]]:
+        """Forget what worker i is generating; its draws go back to the front of the queue."""
+        lost = [d for ref, c in list(self.generating.items()) if c.worker == i for d in self.generating.pop(ref).draws]
+        self._issue_again(lost)
+        return lost
 
     def _sync(self, i: int) -> None:
         """Load the current weights into worker i (a restarted, replaced or new one) before it gets prompts."""
@@ -297,11 +300,7 @@ class RolloutStream:
         if len(self.workers) <= 1:
             raise ValueError("cannot remove the last generation worker")
         i = max(self.workers) if i is None else i
-        lost = []
-        for ref, chunk in list(self.generating.items()):
-            if chunk.worker == i:
-                lost += self.generating.pop(ref).draws
-        self._issue_again(lost)
+        lost = self._take_back(i)
         ray.kill(self.workers.pop(i))
         self.worker_versions.pop(i, None)
         self.syncing.pop(i, None)

@@ -64,8 +64,6 @@ class RewardClient:
                 if pending.response is None:
                     raise pending.error
                 rewards = pending.response.result(timeout_s=self.cfg.timeout_s)
-            except ScoringError:
-                raise
             except Exception as exc:  # noqa: BLE001 - any other failure means no answer: wait, try again
                 if _is_scoring_error(exc):
                     raise
