@@ -111,6 +111,8 @@ class ReferenceConfig:
     threads: int = opt(2, "torch CPU threads of the reference actor", ge=1)
     num_cpus: float = opt(0.5, "Ray CPUs reserved by the reference actor", ge=0.0)
     num_gpus: float = opt(0.0, "Ray GPUs reserved by the reference actor", ge=0.0)
+    max_restarts: int = opt(3, "times Ray restarts the reference actor if its process dies (its calls are "
+                               "run again: they only read the frozen model)", ge=0)
 
 
 @dataclass

@@ -59,8 +59,11 @@ def start_ray(train_cfg) -> None:
 def launch_roles(cfg, model_path: str) -> Roles:
     gen, ref, ppo = cfg.generation, cfg.reference, cfg.ppo
     workers = [launch_worker(cfg, model_path, i) for i in range(gen.num_workers)]
+    # The reference model never changes, so a restarted one is the same model: Ray runs the calls that
+    # its dead process lost again (max_task_retries), and the job only waits for the restart.
     reference = ray.remote(ReferenceModel).options(
         name="reference", num_cpus=ref.num_cpus, num_gpus=ref.num_gpus, resources=role_resources(cfg, "reference"),
+        max_restarts=ref.max_restarts, max_task_retries=ref.max_restarts,
     ).remote(model_path, ref, temperature=gen.temperature)
     learner = ray.remote(PPOLearner).options(
         name="learner", num_cpus=ppo.num_cpus, num_gpus=ppo.num_gpus, resources=role_resources(cfg, "learner"),

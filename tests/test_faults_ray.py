@@ -1,6 +1,7 @@
 """Fault injection on the whole job (tiny model, real vLLM workers, the reward server on Serve): a killed
 generation worker, workers added and removed while the job runs, a reward server that goes away and
-comes back (or does not), a stop with `SIGTERM` (what `ray job stop` sends) and a resume, a killed learner.
+comes back (or does not), a stop with `SIGTERM` (what `ray job stop` sends) and a resume, a killed learner,
+a killed reference model.
 Each run must finish its steps with every prompt trained on exactly once."""
 
 import json
@@ -181,3 +182,21 @@ def test_a_killed_learner_is_recovered_from_the_last_checkpoint(ray_session, tmp
     chaos.check()
     assert summary["steps"] == 5 and summary["policy_version"] == 5 and summary["learner_restarts"] == 1
     assert_every_prompt_once(summary)
+
+
+def test_a_killed_reference_model_is_restarted_and_its_calls_run_again(ray_session, tmp_path):
+    pids = []
+
+    def script():
+        wait_for(lambda: steps_done(tmp_path) >= 1)
+        pids.append(ray.get(ray.get_actor("reference").pid.remote()))
+        os.kill(pids[0], signal.SIGKILL)
+        pids.append(ray.get(ray.get_actor("reference").pid.remote()))  # answered by the restarted process
+
+    chaos = Chaos(script)
+    chaos.start()
+    summary = train(config(tmp_path, "train.steps=4", "train.max_staleness=1"))
+    chaos.check()
+    assert summary["steps"] == 4 and summary["learner_restarts"] == 0 and pids[1] != pids[0]
+    assert_every_prompt_once(summary)
+    assert all(r["kl/mean"] == r["kl/mean"] for r in records(tmp_path) if r["step"])  # every rollout got its log-probs
