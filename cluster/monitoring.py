@@ -4,9 +4,15 @@ Prometheus and Grafana are set up. Ray prefixes each name with `ray_`; counters 
 
 The driver sets the job-wide gauges after every step; each generation worker counts its own tokens
 and tokens/s (tagged with its name), see `actors/generation.py`.
+
+Ray drops a gauge's value from the endpoint once it has not been set for two report intervals (20 s
+by default), and a PPO step on CPU takes minutes, so `HeldGauges` sets each gauge's last value again
+every few seconds: a scrape at any moment sees it.
 """
 
 from __future__ import annotations
+
+import threading
 
 # metrics.jsonl key -> (Ray metric name, description)
 STEP_GAUGES = {
@@ -23,6 +29,44 @@ STEP_GAUGES = {
 }
 
 
+def refresh_interval_s(default: float = 5.0) -> float:
+    """Half of Ray's metrics report interval (a gauge lives for two of them), at most `default`."""
+    try:
+        import ray
+
+        return min(default, ray._config.metrics_report_interval_ms() / 2000)
+    except Exception:  # noqa: BLE001 - a private Ray API; without it the default is well inside 20 s
+        return default
+
+
+class HeldGauges:
+    """Gauges that keep their last value on the metrics endpoint until `close()`: a daemon thread sets
+    each again every `refresh_s` seconds."""
+
+    def __init__(self, refresh_s: float | None = None):
+        self.values: dict[str, tuple] = {}  # key -> (gauge, last value)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._refresh_s = refresh_s or refresh_interval_s()
+        threading.Thread(target=self._run, daemon=True, name="held-gauges").start()
+
+    def set(self, key: str, gauge, value: float) -> None:
+        with self._lock:
+            self.values[key] = (gauge, value)
+        gauge.set(value)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._refresh_s):
+            with self._lock:
+                held = list(self.values.values())
+            for gauge, value in held:
+                gauge.set(value)
+
+    def close(self) -> None:
+        """Stop setting them: the values age out of the endpoint, as a finished job's should."""
+        self._stop.set()
+
+
 class JobMetrics:
     """The driver's gauges; `record(metrics)` sets those whose key is in the step's metrics."""
 
@@ -31,11 +75,15 @@ class JobMetrics:
 
         self.gauges = {key: Gauge(name, description=help, tag_keys=("run",)).set_default_tags({"run": run_name})
                        for key, (name, help) in STEP_GAUGES.items()}
+        self.held = HeldGauges()
 
     def record(self, metrics: dict) -> None:
         for key, gauge in self.gauges.items():
             if key in metrics:
-                gauge.set(float(metrics[key]))
+                self.held.set(key, gauge, float(metrics[key]))
+
+    def close(self) -> None:
+        self.held.close()
 
 
 class WorkerMetrics:
@@ -49,8 +97,9 @@ class WorkerMetrics:
                               tag_keys=("worker",)).set_default_tags(tags)
         self.rate = Gauge("rlhf_worker_tokens_per_second", description="tokens/s of the worker's last generate call",
                           tag_keys=("worker",)).set_default_tags(tags)
+        self.held = HeldGauges()  # lives as long as the worker
 
     def record(self, tokens: int, seconds: float) -> None:
         if tokens:
             self.tokens.inc(tokens)
-        self.rate.set(tokens / seconds if seconds > 0 else 0.0)
+        self.held.set("rate", self.rate, tokens / seconds if seconds > 0 else 0.0)

@@ -44,6 +44,7 @@ class RunLogger:
             log.warning("W&B stopped working (%s: %s); logging to %s only from here on", type(exc).__name__,
                         str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "", self.jsonl.name)
             self.wandb = None
+            _let_go_of_wandb()
 
     def checkpoint(self, path: Path, step: int) -> None:
         """Record a checkpoint as a W&B model artifact (a reference to the files, not a copy of them)."""
@@ -99,6 +100,17 @@ class RunLogger:
             run.finish()
 
         self._to_wandb(send)
+
+
+def _let_go_of_wandb() -> None:
+    """Tear down this process's W&B connection now, so that W&B's exit hook does not try again and print
+    a traceback at exit; the teardown itself fails the same way, quietly."""
+    import wandb
+
+    try:
+        wandb.teardown(exit_code=1)
+    except Exception:  # noqa: BLE001 - W&B is already broken; nothing here may stop the job
+        pass
 
 
 class MemoryWatch:

@@ -74,13 +74,13 @@ def train(cfg) -> dict:
              cfg.data.path)
     resume = resume_from(cfg.train.resume, cfg.train.output_dir)
     start_ray(cfg.train)
-    stop = GracefulStop()
+    stop, metrics_out = GracefulStop(), JobMetrics(Path(cfg.train.output_dir).name)
     try:
         for attempt in range(cfg.train.max_learner_restarts + 1):
             roles, stream = launch_roles(cfg, model_path), None
             try:
                 stream = make_stream(cfg, roles, model_path, train_prompts)
-                return _run(cfg, roles, stream, eval_prompts, started, memory, resume, stop, attempt)
+                return _run(cfg, roles, stream, eval_prompts, started, memory, metrics_out, resume, stop, attempt)
             except LearnerLost as exc:
                 resume = checkpoint.resume_from("auto", cfg.train.output_dir)
                 if attempt == cfg.train.max_learner_restarts:
@@ -96,6 +96,7 @@ def train(cfg) -> dict:
     finally:
         stop.restore()
         memory.stop()
+        metrics_out.close()
 
 
 def make_stream(cfg, roles: Roles, model_path: str, train_prompts: list[Prompt]) -> RolloutStream:
@@ -120,7 +121,7 @@ def _alive(actor) -> bool:
 
 
 def _run(cfg, roles: Roles, stream: RolloutStream, eval_prompts: list[Prompt], started: float,
-         memory: MemoryWatch, resume, stop: GracefulStop, restarts: int) -> dict:
+         memory: MemoryWatch, metrics_out: JobMetrics, resume, stop: GracefulStop, restarts: int) -> dict:
     gold = make_scorer(cfg.train.gold_scorer)
     first_step, meta = 1, {}
     if resume is not None:
@@ -130,7 +131,6 @@ def _run(cfg, roles: Roles, stream: RolloutStream, eval_prompts: list[Prompt], s
         stream.broadcast(stream.learner_version, roles.learner.weights.remote(), block=True)
     logger = RunLogger(cfg.train.output_dir, cfg.to_dict(), cfg.train.wandb_mode, cfg.train.wandb_project,
                        cfg.train.steps, resume_id=meta.get("wandb_id"), first_step=first_step)
-    metrics_out = JobMetrics(Path(cfg.train.output_dir).name)
     if resume is None:
         before = evaluate(roles, stream, eval_prompts, gold, cfg)
         logger.log(0, before)
