@@ -20,8 +20,8 @@ def sample(workers: list, prompts: list[Prompt], n: int, temperature: float | No
     (a prompt listed twice gets 2n responses, in two lists)."""
     chunks = [list(range(i, min(i + chunk_size, len(prompts)))) for i in range(0, len(prompts), chunk_size)]
     results: list[list[Rollout]] = [[] for _ in prompts]
-    idle, pending, start, done = list(workers), {}, time.perf_counter(), 0
-    last_log = start
+    idle, pending = list(workers), {}
+    progress = Progress(label, len(prompts) * n, "responses")
     while chunks or pending:
         while idle and chunks:
             worker, positions = idle.pop(), chunks.pop(0)
@@ -30,16 +30,29 @@ def sample(workers: list, prompts: list[Prompt], n: int, temperature: float | No
             pending[ref] = worker
         ready, _ = ray.wait(list(pending), num_returns=1)
         idle.append(pending.pop(ready[0]))
-        for rollout in ray.get(ready[0]):
+        rollouts = ray.get(ready[0])
+        for rollout in rollouts:
             results[rollout.prompt_index].append(rollout)
-            done += 1
-        now = time.perf_counter()
-        if now - last_log > 15 or not (chunks or pending):
-            rate = done / (now - start)
-            log.info("%s: %d/%d responses | %.1f responses/s | ETA %.0f s", label, done, len(prompts) * n,
-                     rate, (len(prompts) * n - done) / max(rate, 1e-9))
-            last_log = now
+        progress.advance(len(rollouts))
     return results
+
+
+class Progress:
+    """A log line every `every_s` seconds and at the end: done/total, rate and ETA."""
+
+    def __init__(self, label: str, total: int, unit: str, every_s: float = 15.0):
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.start = self.last_log = time.perf_counter()
+        self.done = 0
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        now = time.perf_counter()
+        if now - self.last_log > self.every_s or self.done >= self.total:
+            rate = self.done / max(now - self.start, 1e-9)
+            log.info("%s: %d/%d %s | %.1f %s/s | ETA %.0f s", self.label, self.done, self.total, self.unit, rate,
+                     self.unit, (self.total - self.done) / max(rate, 1e-9))
+            self.last_log = now
 
 
 def mean_logprob(rollout: Rollout) -> float:

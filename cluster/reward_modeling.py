@@ -19,7 +19,7 @@ import ray
 
 from actors.prompts import Prompt, load_prompts
 from actors.rollout import Rollout
-from actors.sampling import mean_logprob, sample
+from actors.sampling import Progress, mean_logprob, sample
 from cluster.launch import launch_worker, start_ray
 from cluster.models import resolve_model
 from reward_server.preferences import (PreferenceDataError, PreferencePair, load_preferences, split_pairs,
@@ -167,10 +167,16 @@ def train_rm_command(cfg) -> dict:
     return history[-1]
 
 
-def score_groups(scorer, prompts: list[Prompt], groups: list[list[Rollout]]) -> list[list[float]]:
-    """The scorer's reward of every response, grouped like `groups`."""
+def score_groups(scorer, prompts: list[Prompt], groups: list[list[Rollout]], slice_size: int = 256
+                 ) -> list[list[float]]:
+    """The scorer's reward of every response, grouped like `groups` (scored in slices, with a progress line)."""
     flat = [(p.text, r.text) for p, g in zip(prompts, groups) for r in g]
-    rewards = iter(score_checked(scorer, [p for p, _ in flat], [r for _, r in flat]))
+    progress, scores = Progress(f"scoring with {scorer!r}", len(flat), "responses"), []
+    for start in range(0, len(flat), slice_size):
+        part = flat[start:start + slice_size]
+        scores += score_checked(scorer, [p for p, _ in part], [r for _, r in part], first_index=start)
+        progress.advance(len(part))
+    rewards = iter(scores)
     return [[next(rewards) for _ in g] for g in groups]
 
 
