@@ -224,11 +224,8 @@ def _finish(cfg, roles: Roles, stream: RolloutStream, logger: RunLogger, memory:
     summary = {
         "steps": step, "policy_version": stream.learner_version, "stopped_by": stop.requested or "",
         "eval/gold_reward_before": before["eval/gold_reward_mean"],
-        "eval/gold_reward_after": after["eval/gold_reward_mean"],
-        "eval/gold_reward_gain": after["eval/gold_reward_mean"] - before["eval/gold_reward_mean"],
         "eval/proxy_reward_before": before["eval/proxy_reward_mean"],
-        "eval/proxy_reward_after": after["eval/proxy_reward_mean"],
-        "eval/kl_after": after["eval/kl_mean"],
+        **_after_training(before, after),
         "samples_per_s": samples / elapsed, "tokens_per_s": total_tokens / elapsed,
         "train_minutes": elapsed / 60, "peak_memory_gib": memory.peak_gib(), "total_minutes": (time.perf_counter() - started) / 60,
         **{k: v for k, v in stream.stats().items() if not k.startswith("timing/")},
@@ -239,6 +236,18 @@ def _finish(cfg, roles: Roles, stream: RolloutStream, logger: RunLogger, memory:
     logger.close(summary)
     print_summary(summary)
     return summary
+
+
+def _after_training(before: dict, after: dict) -> dict:
+    """The summary's held-out figures after training, and the policy version they were measured at. A run
+    stopped before its first evaluation after `before` has none: it says so rather than repeat `before`."""
+    if after["eval/policy_version"] == before["eval/policy_version"]:
+        return {"eval/after": "not measured: stopped before the first evaluation (train.eval_every)"}
+    return {"eval/gold_reward_after": after["eval/gold_reward_mean"],
+            "eval/gold_reward_gain": after["eval/gold_reward_mean"] - before["eval/gold_reward_mean"],
+            "eval/proxy_reward_after": after["eval/proxy_reward_mean"],
+            "eval/kl_after": after["eval/kl_mean"],
+            "eval/after_policy_version": after["eval/policy_version"]}
 
 
 def evaluate(roles: Roles, stream: RolloutStream, prompts: list[Prompt], gold, cfg) -> dict:

@@ -159,11 +159,12 @@ def test_a_stopped_job_resumes_with_the_batch_an_uninterrupted_run_takes(ray_ses
     stopped = train(config(stopped_dir, *steps))
     chaos.check()
     assert stopped["stopped_by"] == "SIGTERM" and stopped["steps"] < 3
+    assert stopped["eval/after"].startswith("not measured")  # not the figures from before training
     k = stopped["steps"]
     assert [int(p.name.split("-")[1]) for p in complete_checkpoints(str(stopped_dir))][-1] == k
 
     resumed = train(config(stopped_dir, *steps, "train.resume=auto"))
-    assert resumed["steps"] == 3 and resumed["policy_version"] == 3
+    assert resumed["steps"] == 3 and resumed["policy_version"] == 3 and resumed["eval/after_policy_version"] == 3
     batch = {r["step"]: sorted(r["batch/prompt_indices"]) for r in records(tmp_path / "straight") if r["step"]}
     after = [r for r in records(stopped_dir) if r["step"] == k + 1]
     assert len(after) == 1 and sorted(after[0]["batch/prompt_indices"]) == batch[k + 1]
