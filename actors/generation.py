@@ -16,6 +16,16 @@ from actors.rollout import Rollout
 
 log = logging.getLogger(__name__)
 
+# vLLM's reload_weights warns "RotaryEmbedding: Failed to load weights" at every weight sync: the rotary
+# cos/sin cache is computed from the model config, is in no checkpoint, and vLLM keeps it as it was.
+# After a sync the engine's log-probs match the learner's (tests/test_weight_sync.py), so the line is noise.
+ROTARY_RELOAD_WARNING = "RotaryEmbedding: Failed to load weights"
+
+
+def _quiet_rotary_reload_warning() -> None:
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+        lambda record: not record.getMessage().startswith(ROTARY_RELOAD_WARNING))
+
 
 class WeightSyncError(RuntimeError):
     """Pushed weights do not fit the engine's model; the engine kept its previous weights."""
@@ -50,6 +60,7 @@ class GenerationWorker:
             logprobs_mode="processed_logprobs",
         )
         self.tokenizer = self.llm.get_tokenizer()
+        _quiet_rotary_reload_warning()
         self._shapes = self._parameter_shapes()
         self.metrics = None
         import ray
