@@ -102,6 +102,8 @@ class RewardConfig:
     auth_token: str = opt("", "bearer token HTTP clients must send (`Authorization: Bearer <token>`); "
                           "`env:NAME` reads it from an environment variable; required unless host is loopback")
     max_request_bytes: int = opt(4_000_000, "largest HTTP request body accepted, bytes", ge=1024)
+    access_log: bool = opt(False, "Serve's log line per scoring request (several per PPO step, in the job's "
+                                  "log beside the step lines)")
 
 
 @dataclass

@@ -222,6 +222,7 @@ def reward_app(cfg: RewardConfig, resources: dict | None = None):
         # A batch of `max_batch_size` items may come from as many single-item requests, and all
         # of them must be let into the replica at once to be batched (Serve's default is 5).
         max_ongoing_requests=max(cfg.max_batch_size, 16),
+        logging_config={"enable_access_log": cfg.access_log},
     ).bind(cfg)
 
 

@@ -3,13 +3,17 @@ requests are refused with a reason, concurrent callers get their own answers bac
 reward becomes an error that names the item."""
 
 import math
+import re
+import time
+from pathlib import Path
+
 import httpx
 import pytest
 from ray import serve
 
 from cluster.config import RewardConfig
 from reward_server.scorers import ScoringError, VaderScorer
-from reward_server.server import reward_app, reward_url, start_reward_server
+from reward_server.server import APP_NAME, reward_app, reward_url, start_reward_server
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.ray
@@ -152,3 +156,23 @@ def test_an_oversized_body_is_refused_before_it_is_parsed(guarded_server):
     reply = client.post(reward_url(cfg), json=_items(["x" * 100] * 30), headers=auth)
     assert reply.status_code == 413 and "reward.max_request_bytes" in reply.text
     assert client.post(reward_url(cfg), json=_items(["great"]), headers=auth).status_code == 200
+
+
+def serve_access_lines(app: str) -> int:
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    access = re.compile(r" -- (CALL score OK|POST /\S*score 200) ")  # handle calls, HTTP requests
+    return sum(bool(access.search(line)) for f in logs.glob(f"replica_{app}_*.log") for line in open(f))
+
+
+def test_request_lines_stay_out_of_the_job_log_unless_asked_for(server):
+    """A training job scores several times per step; Serve's access line for each would bury the step lines."""
+    cfg, _, client = server
+    logged = RewardConfig(scorer="vader", port=cfg.port, route_prefix="/reward-logged", access_log=True)
+    serve.run(reward_app(logged), name="reward-logged", route_prefix=logged.route_prefix)
+    for c in (cfg, logged, cfg, logged):
+        assert client.post(reward_url(c), json=_items(RESPONSES[:1])).status_code == 200
+    time.sleep(1)  # the replicas flush their log files
+    assert serve_access_lines(APP_NAME) == 0
+    assert serve_access_lines("reward-logged") == 2
