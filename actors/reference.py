@@ -1,22 +1,26 @@
-"""Frozen reference model: the initial policy, kept unchanged, giving per-token log-probs for the KL penalty."""
+"""Frozen reference model: the initial policy, kept unchanged, giving per-token log-probs for the KL penalty.
+
+It computes exactly as the learner computes its own log-probs (the learner's weight dtype and autocast,
+float32 LM head, the same forward in learner/forward.py), so that at the start of training, when the
+policy still is the reference, the KL estimate is 0 rather than the gap between two kinds of arithmetic.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 import ray
 import torch
 
-from actors.rollout import Rollout, pad_tokens, response_forward
-from learner.ppo_math import logprobs_from_logits
+from learner.forward import token_logprobs, torch_dtype
+
+if TYPE_CHECKING:
+    from cluster.config import ReferenceConfig
 
 log = logging.getLogger(__name__)
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def _restarted_actor() -> bool:
@@ -30,32 +34,32 @@ def _restarted_actor() -> bool:
 
 
 class ReferenceModel:
-    def __init__(self, model_path: str, cfg, temperature: float = 1.0, micro_batch: int = 16):
+    def __init__(self, model_path: str, cfg: ReferenceConfig, *, dtype: str, autocast: str, temperature: float = 1.0,
+                 micro_batch: int = 16):
+        """`cfg` is the run's ReferenceConfig (device, threads); `dtype` and `autocast` are the learner's
+        (`ppo.dtype`, `ppo.autocast`); `temperature` is the sampling temperature of the rollouts."""
         from transformers import AutoModelForCausalLM
 
         if _restarted_actor():
             log.warning("reference model restarted by Ray after its process died; the calls it lost run again")
         torch.set_num_threads(cfg.threads)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(cfg.dtype)).to(cfg.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype)).to(cfg.device)
         self.model.eval().requires_grad_(False)
         self.pad_id = self.model.config.pad_token_id or 0
-        self.device = cfg.device
+        self.autocast = autocast
         self.temperature = temperature
         self.micro_batch = micro_batch
 
+    def ref_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                     temperature: float | None = None) -> list[list[float]]:
+        """The reference log-prob of every response token, one list per row, at the rollouts' sampling
+        temperature (or `temperature`: an evaluation sampled at another one)."""
+        if not prompt_ids:
+            return []
+        return token_logprobs(self.model, prompt_ids, response_ids, pad_id=self.pad_id,
+                              temperature=temperature or self.temperature, autocast_dtype=self.autocast,
+                              micro_batch=self.micro_batch)
+
     def pid(self) -> int:
+        """This actor's process id (the fault tests kill it)."""
         return os.getpid()
-
-    @torch.no_grad()
-    def ref_logprobs(self, rollouts: list[Rollout]) -> list[Rollout]:
-        """Attach the reference log-prob of every response token to each rollout."""
-        for start in range(0, len(rollouts), self.micro_batch):
-            chunk = rollouts[start:start + self.micro_batch]
-            input_ids, attention_mask, response_ids, _ = pad_tokens(chunk, self.pad_id)
-            logits, _ = response_forward(self.model, input_ids.to(self.device), attention_mask.to(self.device),
-                                         response_ids.shape[1], self.temperature)
-            lp = logprobs_from_logits(logits, response_ids.to(self.device)).float().cpu()
-            for i, r in enumerate(chunk):
-                r.ref_logprobs = lp[i, :len(r.response_ids)].tolist()
-        return rollouts
-

@@ -28,7 +28,7 @@ from cluster.config import load_config
 from cluster.launch import start_ray
 from cluster.models import resolve_model
 from learner.learner import PPOLearner
-from learner.train import train
+from cluster.job import train
 
 
 class BenchWorker(GenerationWorker):

@@ -23,7 +23,7 @@ import ray
 
 from cluster.cli import DEFAULT_CONFIG
 from cluster.config import load_config
-from learner.train import train
+from cluster.job import train
 
 
 def main() -> None:

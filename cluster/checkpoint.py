@@ -2,7 +2,7 @@
 
     policy/          the policy as an HF model directory (transformers and vLLM load it) + value_head.pt
     learner.pt       optimizer moments, KL controller, policy version, random state of the minibatch order
-    stream.json      data position: the prompt shuffle's state and every prompt drawn but not trained on
+    stream.json      data position (actors/prompt_ledger.py): the shuffle's state, every prompt drawn but not trained on
     meta.json        step, policy version, W&B run id; written last, so a directory without it is incomplete
 
 A checkpoint is written into `step-NNNNNN.partial` and renamed when complete, so a job killed while
@@ -17,8 +17,6 @@ import logging
 import shutil
 import time
 from pathlib import Path
-
-import ray
 
 from cluster.config import ConfigError
 
@@ -62,16 +60,17 @@ def read_meta(path: Path) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
-def save(learner, stream, step: int, output_dir: str, keep: int, extra: dict | None = None) -> Path:
-    """Write a checkpoint of the learner and the data position after `step`; keep the newest `keep`."""
+def save(learner, ledger, step: int, output_dir: str, keep: int, watchdog, extra: dict | None = None) -> Path:
+    """Write a checkpoint of the learner and the data position (`ledger`) after `step`; keep the newest
+    `keep`. `watchdog` bounds the wait for the learner."""
     start = time.perf_counter()
     final = checkpoints_dir(output_dir) / f"{PREFIX}{step:06d}"
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    ray.get(learner.save_checkpoint.remote(str(partial)))
-    (partial / "stream.json").write_text(json.dumps(stream.state_dict()))
-    meta = {"step": step, "policy_version": stream.learner_version, "saved_at": time.time(), **(extra or {})}
+    version = watchdog.get(learner.save_checkpoint.remote(str(partial)), "learner", "save_checkpoint")
+    (partial / "stream.json").write_text(json.dumps(ledger.state_dict()))
+    meta = {"step": step, "policy_version": version, "saved_at": time.time(), **(extra or {})}
     (partial / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
@@ -84,8 +83,7 @@ def save(learner, stream, step: int, output_dir: str, keep: int, extra: dict | N
 def restore(path: Path, learner, stream) -> dict:
     """Load a checkpoint into the learner and the stream; returns its meta (the step to continue after)."""
     meta = read_meta(path)
-    version = ray.get(learner.load_checkpoint.remote(str(path)))
-    stream.load_state_dict(json.loads((path / "stream.json").read_text()))
-    stream.learner_version = version
+    version = stream.watchdog.get(learner.load_checkpoint.remote(str(path)), "learner", "load_checkpoint")
+    stream.resume(json.loads((path / "stream.json").read_text()), version)
     log.info("resumed from %s: step %d, policy version %d", path, meta["step"], version)
     return meta

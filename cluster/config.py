@@ -62,7 +62,8 @@ class GenerationConfig:
     num_workers: int = opt(1, "number of vLLM generation worker actors", ge=1, le=64)
     max_new_tokens: int = opt(48, "longest sampled response, in tokens", ge=1, le=4096)
     temperature: float = opt(1.0, "sampling temperature (the learner scales logits by it too)", gt=0.0, le=5.0)
-    top_p: float = opt(1.0, "nucleus sampling mass; PPO assumes 1.0", gt=0.0, le=1.0)
+    top_p: float = opt(1.0, "nucleus sampling mass; PPO (`rlhf train`) needs 1.0: the learner's log-probs are of the "
+                       "whole distribution", gt=0.0, le=1.0)
     samples_per_prompt: int = opt(1, "responses sampled per prompt", ge=1, le=64)
     prompts_per_request: int = opt(16, "prompts handed to a worker in one generate call", ge=1)
     dtype: str = opt("auto", f"vLLM weight dtype; {AUTO_HELP}", choices=("auto",) + DTYPES)
@@ -108,7 +109,8 @@ class RewardConfig:
 
 @dataclass
 class ReferenceConfig:
-    dtype: str = opt("auto", f"weight dtype of the frozen reference model; {AUTO_HELP}", choices=("auto",) + DTYPES)
+    # No dtype of its own: the reference computes in the learner's (ppo.dtype, ppo.autocast), so that its
+    # log-probs and the learner's differ by the policy's change only.
     device: str = opt("cpu", "device of the reference model", choices=("cpu", "cuda"))
     threads: int = opt(2, "torch CPU threads of the reference actor", ge=1)
     num_cpus: float = opt(0.5, "Ray CPUs reserved by the reference actor", ge=0.0)
@@ -133,6 +135,14 @@ class PPOConfig:
     kl_coef: float = opt(0.05, "initial KL penalty beta", ge=0.0)
     kl_target: float = opt(0.0, "adaptive KL target per response, nats; 0 = fixed beta", ge=0.0)
     kl_horizon: int = opt(10000, "adaptive KL horizon, in sequences (Ziegler et al. 2019)", ge=1)
+    decoupled: bool = opt(True, "off-policy correction (decoupled PPO, Hilton et al. 2022): weight each token by "
+                                "pi_learner / pi_behaviour, truncated at `is_cap`, for rollouts sampled by an older "
+                                "policy version or by vLLM's other arithmetic")
+    is_cap: float = opt(2.0, "truncation of the off-policy importance weights (IMPALA's rho-bar)", ge=1.0)
+    missing_eos_penalty: float = opt(0.0, "subtracted from the score of a response cut off at "
+                                          "generation.max_new_tokens without EOS; 0 = off", ge=0.0)
+    reward_norm: bool = opt(False, "normalise scores by their running mean and std before the KL penalty is "
+                                   "added (for learned reward models, whose scale is arbitrary)")
     dtype: str = opt("float32", "weight (master) dtype of the policy", choices=DTYPES)
     autocast: str = opt("auto", AUTOCAST_HELP, choices=("auto", "none") + DTYPES)
     device: str = opt("cpu", "learner device", choices=("cpu", "cuda"))
@@ -169,6 +179,9 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "resumable checkpoints kept in output_dir/checkpoints (oldest go first)", ge=1)
     resume: str = opt("", "`auto`: continue from the last checkpoint in output_dir if there is one; a "
                       "checkpoint directory: continue from it; empty: start afresh")
+    hang_timeout_s: float = opt(1200.0, "a job none of whose remote calls has finished for this long is stuck: it "
+                                "names the stuck roles, writes their Python stacks to output_dir, checkpoints "
+                                "and exits non-zero (raise it if one learner update takes longer)", gt=0.0)
 
 
 @dataclass
@@ -269,8 +282,8 @@ class RunConfig:
 
     def _resolve_auto_dtypes(self) -> None:
         """`auto` becomes bfloat16 where the device computes it natively, else full precision."""
-        for sub, name, full in [(self.generation, "dtype", "float32"), (self.reference, "dtype", "float32"),
-                                (self.ppo, "autocast", "none"), (self.rm, "autocast", "none")]:
+        for sub, name, full in [(self.generation, "dtype", "float32"), (self.ppo, "autocast", "none"),
+                                (self.rm, "autocast", "none")]:
             if getattr(sub, name) == "auto":
                 setattr(sub, name, "bfloat16" if native_bf16(sub.device) else full)
 

@@ -1,14 +1,20 @@
 """Talking to a running job: `rlhf scale --workers N` and `rlhf status`.
 
 Each training job starts one small named actor, `control`, in its Ray namespace (`train.ray_namespace`).
-The job's rollout stream reports its status there and picks up scaling requests from it between
-batches, so a request never interrupts an update. The actor lives and dies with the job.
+The job reports its status there and picks up scaling requests from it (`ControlLink`, polled while the
+rollout stream pumps), so a request applies within a second or two and never interrupts an update. The
+actor lives and dies with the job.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
 
 CONTROL_NAME = "control"
 
@@ -34,6 +40,32 @@ class JobControl:
 
     def get_status(self) -> dict:
         return self.status
+
+
+class ControlLink:
+    """The job's side of the control actor: at most every `interval_s` it reports `status()` and applies a
+    pending scaling request with `scale_to(count)`; it never waits for the actor."""
+
+    def __init__(self, actor, status: Callable[[], dict], workers: Callable[[], int],
+                 scale_to: Callable[[int], None], interval_s: float = 1.0):
+        self.actor, self.status, self.workers, self.scale_to = actor, status, workers, scale_to
+        self.interval_s = interval_s
+        self.reply = None  # the poll in flight
+        self.last_poll = 0.0
+
+    def poll(self) -> None:
+        import ray
+
+        if self.reply is not None:
+            if not ray.wait([self.reply], timeout=0)[0]:
+                return
+            requested, self.reply = ray.get(self.reply), None
+            if requested is not None and requested != self.workers():
+                log.info("scaling request: %d -> %d generation workers", self.workers(), requested)
+                self.scale_to(requested)
+        if time.perf_counter() - self.last_poll >= self.interval_s:
+            self.last_poll = time.perf_counter()
+            self.reply = self.actor.poll.remote(self.status())
 
 
 def start_control():

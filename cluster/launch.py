@@ -11,6 +11,8 @@ import ray
 
 from actors.generation import GenerationWorker
 from actors.reference import ReferenceModel
+from actors.watchdog import Watchdog
+from actors.worker_pool import WorkerPool, worker_name
 from learner.learner import PPOLearner
 from reward_server.server import start_reward_server
 
@@ -33,7 +35,7 @@ def role_resources(cfg, role: str) -> dict:
 
 @dataclass
 class Roles:
-    workers: list  # generation worker actor handles
+    pool: WorkerPool  # the generation workers
     reference: object  # reference model actor handle
     learner: object  # PPO learner actor handle
     reward: object  # reward server deployment handle
@@ -56,23 +58,33 @@ def start_ray(train_cfg) -> None:
     log.info("Ray cluster: %s", ray.cluster_resources())
 
 
-def launch_roles(cfg, model_path: str) -> Roles:
+def launch_roles(cfg, model_path: str, watchdog: Watchdog) -> Roles:
     gen, ref, ppo = cfg.generation, cfg.reference, cfg.ppo
-    workers = [launch_worker(cfg, model_path, i) for i in range(gen.num_workers)]
+    pool = launch_pool(cfg, model_path, watchdog)
     # The reference model never changes, so a restarted one is the same model: Ray runs the calls that
     # its dead process lost again (max_task_retries), and the job only waits for the restart.
     reference = ray.remote(ReferenceModel).options(
         name="reference", num_cpus=ref.num_cpus, num_gpus=ref.num_gpus, resources=role_resources(cfg, "reference"),
         max_restarts=ref.max_restarts, max_task_retries=ref.max_restarts,
-    ).remote(model_path, ref, temperature=gen.temperature)
+    ).remote(model_path, ref, dtype=ppo.dtype, autocast=ppo.autocast, temperature=gen.temperature)
     learner = ray.remote(PPOLearner).options(
         name="learner", num_cpus=ppo.num_cpus, num_gpus=ppo.num_gpus, resources=role_resources(cfg, "learner"),
     ).remote(model_path, ppo, temperature=gen.temperature, inference_dtype=gen.dtype)
     reward = start_reward_server(cfg.reward, resources=role_resources(cfg, "reward"))
     # Surface a role that failed to start now, with its own error, rather than at the first call.
-    ray.get([w.stats.remote() for w in workers] + [learner.get_version.remote(),
-                                                   reference.ref_logprobs.remote([])])
-    return Roles(workers=workers, reference=reference, learner=learner, reward=reward)
+    ray.get([learner.get_version.remote(), reference.ref_logprobs.remote([], [])])
+    return Roles(pool=pool, reference=reference, learner=learner, reward=reward)
+
+
+def launch_pool(cfg, model_path: str, watchdog: Watchdog | None = None) -> WorkerPool:
+    """`generation.num_workers` workers of the policy at `model_path`, up and answering, with autoscaling
+    bounds from the config."""
+    gen = cfg.generation
+    workers = [launch_worker(cfg, model_path, i) for i in range(gen.num_workers)]
+    ray.get([w.stats.remote() for w in workers])
+    bounds = (gen.autoscale_min_workers, gen.autoscale_max_workers) if gen.autoscale_max_workers else None
+    return WorkerPool(workers, spawn=lambda i: launch_worker(cfg, model_path, i), watchdog=watchdog,
+                      autoscale_bounds=bounds)
 
 
 def launch_worker(cfg, model_path: str, index: int, wait_s: float = 30.0):
@@ -80,7 +92,7 @@ def launch_worker(cfg, model_path: str, index: int, wait_s: float = 30.0):
     process up to `generation.max_restarts` times; calls in flight then fail (no task retries), and
     the rollout stream re-issues their prompts."""
     gen = cfg.generation
-    name = f"generation-worker-{index}"
+    name = worker_name(index)
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -98,6 +110,7 @@ def shutdown_roles(roles: Roles) -> None:
     """Stop every role this job launched (a driver that exits stops them too; tests reuse one cluster)."""
     from ray import serve
 
-    for actor in roles.workers + [roles.reference, roles.learner]:
+    roles.pool.shutdown()
+    for actor in (roles.reference, roles.learner):
         ray.kill(actor, no_restart=True)
     serve.shutdown()

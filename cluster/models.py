@@ -127,13 +127,3 @@ def prepare_tiny(seed: int = 0) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     return _publish(tmp, final, {"source": "random", "seed": seed})
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in sys.argv[1:] or ["smollm2-135m-instruct"]:
-        print(resolve_model(EMBEDDED_PREFIX + name))
-
-
-if __name__ == "__main__":
-    main()

@@ -3,7 +3,8 @@
 Prometheus and Grafana are set up. Ray prefixes each name with `ray_`; counters end in `_total`.
 
 The driver sets the job-wide gauges after every step; each generation worker counts its own tokens
-and tokens/s (tagged with its name), see `actors/generation.py`.
+and tokens/s (tagged with its name), see `actors/generation.py`. `MemoryWatch` measures the job's peak
+memory for its summary.
 
 Ray drops a gauge's value from the endpoint once it has not been set for two report intervals (20 s
 by default), and a PPO step on CPU takes minutes, so `HeldGauges` sets each gauge's last value again
@@ -103,3 +104,32 @@ class WorkerMetrics:
         if tokens:
             self.tokens.inc(tokens)
         self.held.set("rate", self.rate, tokens / seconds if seconds > 0 else 0.0)
+
+
+class MemoryWatch:
+    """Peak memory used on this machine while the job runs (all processes: driver, Ray, every role),
+    sampled once a second, above what was in use when the watch started."""
+
+    def __init__(self, interval_s: float = 1.0):
+        import psutil
+
+        def used() -> int:
+            vm = psutil.virtual_memory()  # one sample: total and available from the same moment
+            return vm.total - vm.available
+
+        self._used = used
+        self.baseline = self._used()
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self.peak = max(self.peak, self._used())
+
+    def peak_gib(self) -> float:
+        return (self.peak - self.baseline) / 2**30
+
+    def stop(self) -> None:
+        self._stop.set()

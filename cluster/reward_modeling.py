@@ -15,18 +15,18 @@ import statistics
 from contextlib import contextmanager
 from pathlib import Path
 
-import ray
-
 from actors.prompts import Prompt, load_prompts
 from actors.rollout import Rollout
-from actors.sampling import Progress, mean_logprob, sample
-from cluster.launch import launch_worker, start_ray
+from actors.worker_pool import WorkerPool
+from cluster.launch import launch_pool, start_ray
 from cluster.models import resolve_model
+from learner.metrics import Progress
+from reward_server.client import RewardClient
 from reward_server.preferences import (PreferenceDataError, PreferencePair, load_preferences, split_pairs,
                                        write_preferences)
 from reward_server.reward_model import RewardModelTrainer
 from reward_server.scorers import RewardModelScorer, make_scorer, score_checked
-from reward_server.west_of_n import Candidate, select_pairs
+from reward_server.west_of_n import Candidate, mean_logprob, select_pairs
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +42,26 @@ def policy_prompts(cfg) -> tuple[str, list[Prompt], list[Prompt]]:
 
 @contextmanager
 def generation_workers(cfg, model_path: str):
-    """`generation.num_workers` workers of the policy at `model_path`, stopped on exit."""
+    """A pool of `generation.num_workers` workers of the policy at `model_path`, stopped on exit."""
     start_ray(cfg.train)
-    workers = [launch_worker(cfg, model_path, i) for i in range(cfg.generation.num_workers)]
+    pool = launch_pool(cfg, model_path)
     try:
-        ray.get([w.stats.remote() for w in workers])
-        yield workers
+        yield pool
     finally:
-        for worker in workers:
-            ray.kill(worker)
+        pool.shutdown()
+
+
+@contextmanager
+def reward_server(reward_cfg):
+    """The reward server on Serve, as the retrying client that training uses; shut down on exit."""
+    from ray import serve
+
+    from reward_server.server import APP_NAME, start_reward_server
+
+    try:
+        yield RewardClient(reward_cfg, APP_NAME, start_reward_server(reward_cfg))
+    finally:
+        serve.shutdown()
 
 
 def cycle(prompts: list[Prompt], count: int, seed: int) -> list[Prompt]:
@@ -90,8 +101,8 @@ def flip_labels(pairs: list[PreferencePair], extra: list[dict], fraction: float,
     return len(flips)
 
 
-def gold_pairs(workers, prompts: list[Prompt], count: int, labeller, flip_fraction: float, min_margin: float,
-               seed: int, label: str = "preference pairs") -> tuple[list[PreferencePair], list[dict]]:
+def gold_pairs(pool: WorkerPool, prompts: list[Prompt], count: int, labeller, flip_fraction: float,
+               min_margin: float, seed: int, label: str = "preference pairs") -> tuple[list[PreferencePair], list[dict]]:
     """`count` labelled pairs of two fresh responses each (sampling again for the ties dropped), then
     `flip_fraction` of them flipped."""
     pairs, extra, round_ = [], [], 0
@@ -99,7 +110,7 @@ def gold_pairs(workers, prompts: list[Prompt], count: int, labeller, flip_fracti
         # Ties are dropped, so ask for a quarter more than still needed.
         want = max(8, int((count - len(pairs)) * 1.25))
         chosen = cycle(prompts, want, seed + round_)
-        groups = sample(workers, chosen, 2, label=label)
+        groups = pool.sample(chosen, 2, label=label)
         new, new_extra, ties = label_pairs(chosen, groups, labeller, min_margin)
         log.info("%s: %d pairs, %d ties dropped", label, len(new), ties)
         pairs, extra, round_ = pairs + new, extra + new_extra, round_ + 1
@@ -117,8 +128,8 @@ def make_preferences(cfg, out_path: str) -> str:
     pc = cfg.preferences
     model_path, train, _ = policy_prompts(cfg)
     labeller = make_scorer(pc.labeller)
-    with generation_workers(cfg, model_path) as workers:
-        pairs, extra = gold_pairs(workers, train, pc.num_pairs, labeller, pc.flip_fraction, pc.min_margin, pc.seed)
+    with generation_workers(cfg, model_path) as pool:
+        pairs, extra = gold_pairs(pool, train, pc.num_pairs, labeller, pc.flip_fraction, pc.min_margin, pc.seed)
     write_preferences(out_path, pairs, extra)
     print(f"wrote {len(pairs)} preference pairs to {out_path} (labelled by {pc.labeller}, "
           f"{sum(e['flipped'] for e in extra)} labels flipped)")
@@ -200,8 +211,8 @@ def west_of_n_command(cfg) -> list[dict]:
     for round_ in range(1, wn.rounds + 1):
         out = Path(wn.output_dir) / f"round-{round_}"
         prompts = cycle(train_prompts, wn.num_prompts, cfg.preferences.seed + round_)
-        with generation_workers(cfg, model_path) as workers:
-            groups = sample(workers, prompts, wn.n, label=f"West-of-{wn.n} samples")
+        with generation_workers(cfg, model_path) as pool:
+            groups = pool.sample(prompts, wn.n, label=f"West-of-{wn.n} samples")
         candidates = west_of_n_candidates(prompts, groups, score_groups(scorer, prompts, groups))
         synthetic, stats = select_pairs(candidates, wn.quantile, wn.min_logprob)
         write_preferences(out / "pairs.jsonl", synthetic)
@@ -220,29 +231,16 @@ def pick_best(scores: list[list[float]], n: int) -> list[int]:
     return [max(range(min(n, len(s))), key=lambda i: s[i]) for s in scores]
 
 
-def best_of_n(workers, reward, prompts: list[Prompt], n: int) -> tuple[list[list[Rollout]], list[list[float]]]:
-    """`n` samples per prompt from the workers, each scored by the reward server (`reward` is its handle)."""
-    groups = sample(workers, prompts, n, label=f"Best-of-{n} samples")
-    return groups, score_groups(ServedScorer(reward), prompts, groups)
-
-
-class ServedScorer:
-    """The reward server's deployment handle as a Scorer."""
-
-    def __init__(self, handle):
-        self.handle = handle
-
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        return self.handle.score.remote(prompts, responses).result()
+def best_of_n(pool: WorkerPool, reward: RewardClient, prompts: list[Prompt],
+              n: int) -> tuple[list[list[Rollout]], list[list[float]]]:
+    """`n` samples per prompt from the workers, each scored by the reward server."""
+    groups = pool.sample(prompts, n, label=f"Best-of-{n} samples")
+    return groups, score_groups(reward, prompts, groups)
 
 
 def best_of_n_command(cfg, n: int, texts: list[str]) -> dict:
     """`rlhf best-of-n`: for the given requests (or the held-out prompts) print the best of `n` samples
     under `reward.scorer`; on held-out prompts also the gold reward of Best-of-N against one sample."""
-    from ray import serve
-
-    from reward_server.server import start_reward_server
-
     model_path, _, held_out = policy_prompts(cfg)
     if texts:
         from actors.prompts import encode
@@ -252,11 +250,8 @@ def best_of_n_command(cfg, n: int, texts: list[str]) -> dict:
                          cfg.data.system_prompt, "--prompt")
     else:
         prompts = held_out
-    with generation_workers(cfg, model_path) as workers:
-        try:
-            groups, scores = best_of_n(workers, start_reward_server(cfg.reward), prompts, n)
-        finally:
-            serve.shutdown()
+    with generation_workers(cfg, model_path) as pool, reward_server(cfg.reward) as reward:
+        groups, scores = best_of_n(pool, reward, prompts, n)
     best = pick_best(scores, n)
     for p, g, s, b in zip(prompts[:10] if not texts else prompts, groups, scores, best):
         print(f"\n> {p.text}\n[{cfg.reward.scorer} {s[b]:+.3f}, best of {n}] {g[b].text.strip()}")

@@ -20,14 +20,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ray import serve
-
-from actors.sampling import sample
-from cluster.reward_modeling import (ServedScorer, cycle, generation_workers, gold_pairs, pick_best, policy_prompts,
+from cluster.reward_modeling import (cycle, generation_workers, gold_pairs, pick_best, policy_prompts, reward_server,
                                      score_groups, train_reward_model, west_of_n_candidates)
 from reward_server.preferences import write_preferences
 from reward_server.scorers import make_scorer
-from reward_server.server import start_reward_server
 from reward_server.west_of_n import select_pairs
 
 log = logging.getLogger(__name__)
@@ -42,13 +38,13 @@ def report(cfg, num_pairs: int, num_eval_pairs: int, out: str) -> dict:
     model_path, train_prompts, held_out = policy_prompts(cfg)
     gold = make_scorer(cfg.train.gold_scorer)
     won_prompts = cycle(train_prompts, max(wn.num_prompts, num_pairs), pc.seed + 1)
-    with generation_workers(cfg, model_path) as workers:
-        labelled, _ = gold_pairs(workers, train_prompts, 2 * num_pairs, gold, pc.flip_fraction, pc.min_margin,
+    with generation_workers(cfg, model_path) as pool:
+        labelled, _ = gold_pairs(pool, train_prompts, 2 * num_pairs, gold, pc.flip_fraction, pc.min_margin,
                                  pc.seed, label="gold-labelled pairs")
-        eval_pairs, _ = gold_pairs(workers, held_out, num_eval_pairs, gold, 0.0, pc.min_margin, pc.seed + 100,
+        eval_pairs, _ = gold_pairs(pool, held_out, num_eval_pairs, gold, 0.0, pc.min_margin, pc.seed + 100,
                                    label="held-out pairs")
-        won_groups = sample(workers, won_prompts, wn.n, label=f"West-of-{wn.n} samples")
-        bon_groups = sample(workers, held_out, max(BEST_OF), label="Best-of-N samples")
+        won_groups = pool.sample(won_prompts, wn.n, label=f"West-of-{wn.n} samples")
+        bon_groups = pool.sample(held_out, max(BEST_OF), label="Best-of-N samples")
     base, extra_gold = labelled[:num_pairs], labelled[num_pairs:]
     write_preferences(out_dir / "base_pairs.jsonl", base)
     write_preferences(out_dir / "heldout_pairs.jsonl", eval_pairs)
@@ -74,11 +70,11 @@ def report(cfg, num_pairs: int, num_eval_pairs: int, out: str) -> dict:
     fit("c", base + extra_gold)
     fit("d", base + unfiltered[:num_pairs])
 
-    best_of = {"gold": bon_scores(gold, held_out, bon_groups, gold)}
+    gold_scores = score_groups(gold, held_out, bon_groups)
+    best_of = {"gold": bon_scores(gold_scores, gold_scores)}
     for name in ("a", "b"):
-        handle = start_reward_server(replace(cfg.reward, scorer=f"model:{models[name]}"))
-        best_of[name] = bon_scores(ServedScorer(handle), held_out, bon_groups, gold)
-        serve.shutdown()
+        with reward_server(replace(cfg.reward, scorer=f"model:{models[name]}")) as reward:
+            best_of[name] = bon_scores(score_groups(reward, held_out, bon_groups), gold_scores)
 
     results = {"D": num_pairs, "held_out_pairs": len(eval_pairs), "train_pairs": sizes, "accuracy": accuracy,
                "west_of_n": filtered_stats, "best_of_n_gold_reward": best_of, "held_out_prompts": len(held_out),
@@ -88,10 +84,8 @@ def report(cfg, num_pairs: int, num_eval_pairs: int, out: str) -> dict:
     return results
 
 
-def bon_scores(scorer, prompts, groups, gold) -> dict[int, float]:
-    """Mean gold reward of the response `scorer` ranks best among the first N samples, for each N."""
-    scores = score_groups(scorer, prompts, groups)
-    gold_scores = scores if scorer is gold else score_groups(gold, prompts, groups)
+def bon_scores(scores: list[list[float]], gold_scores: list[list[float]]) -> dict[int, float]:
+    """Mean gold reward of the response that `scores` rank best among the first N samples, for each N."""
     return {n: statistics.mean(g[i] for g, i in zip(gold_scores, pick_best(scores, n))) for n in BEST_OF}
 
 

@@ -1,30 +1,40 @@
 """The PPO learner: policy with a value head, one `update` per batch of scored rollouts.
 
 Critic choice: a scalar value head on the policy's last hidden state rather than a separate value
-model. On the CPU machines this project runs on, the learner's forward/backward dominates a PPO step
-(../shared/STACK.md); a separate critic of the same size would double that cost and the optimiser
-memory. The price is that value-loss gradients reach the shared trunk, so the value loss is weighted
-down (`ppo.vf_coef`) and the head gets its own, larger learning rate.
+model. On a CPU the learner's forward/backward dominates a PPO step, and a separate critic of the same
+size would double that cost and the optimiser memory. The price is that value-loss gradients reach the
+shared trunk, so the value loss is weighted down (`ppo.vf_coef`) and the head gets its own, larger
+learning rate.
+
+Off-policy correction: the rollouts carry the log-probs of the policy that sampled them (the behaviour
+policy: an older version with `train.max_staleness` >= 1, and vLLM's arithmetic in any case). The
+learner recomputes log-probs at its current weights (the proximal policy) and, with `ppo.decoupled`,
+weights each token by the truncated ratio of the two (learner/ppo_math.py, "off-policy correction").
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from actors.reference import torch_dtype
-from actors.rollout import Rollout, RolloutBatch, collate, pad_tokens, response_forward
+from actors.rollout import RolloutBatch, collate
 from learner import ppo_math
+from learner.forward import autocast, response_forward, token_logprobs, torch_dtype
+
+if TYPE_CHECKING:
+    from cluster.config import PPOConfig
 
 log = logging.getLogger(__name__)
 
 
 class PPOLearner:
-    def __init__(self, model_path: str, cfg, temperature: float = 1.0, inference_dtype: str = "bfloat16"):
+    def __init__(self, model_path: str, cfg: PPOConfig, *, temperature: float = 1.0, inference_dtype: str = "bfloat16"):
+        """`cfg` is the run's PPOConfig; `temperature` the rollouts' sampling temperature; `inference_dtype`
+        the generation workers' weight dtype, in which `weights()` publishes."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(cfg.seed)
@@ -45,17 +55,14 @@ class PPOLearner:
             {"params": self.value_head.parameters(), "lr": cfg.value_lr},
         ], weight_decay=0.0)
         self.kl_ctl = ppo_math.make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.score_moments = ppo_math.RunningMoments()
         self.version = 0
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
-    def _autocast(self):
-        if self.cfg.autocast == "none":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch_dtype(self.cfg.autocast))
-
     def _forward(self, mb: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logprobs (B, T), values (B, T), logits (B, T, V)) of a minibatch's response tokens."""
-        with self._autocast():
+        """(logprobs (B, T), values (B, T), logits (B, T, V)) of a minibatch's response tokens; log-probs
+        and logits in float32."""
+        with autocast(self.device, self.cfg.autocast):
             logits, hidden = response_forward(self.policy, mb.input_ids.to(self.device),
                                               mb.attention_mask.to(self.device), mb.response_ids.shape[1],
                                               self.temperature)
@@ -63,28 +70,42 @@ class PPOLearner:
         return ppo_math.logprobs_from_logits(logits, mb.response_ids.to(self.device)), values, logits
 
     @torch.no_grad()
-    def _old_logprobs_values(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The proximal policy's log-probs and values, recomputed by the learner itself: vLLM's own
-        log-probs differ slightly (other kernels, bf16), and with staleness k > 0 the rollouts come
-        from an older policy than the one being updated."""
+    def _proximal(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and values of the batch at the learner's current weights, before the update: the
+        proximal policy that the PPO ratio is clipped against."""
         logprobs, values = [], []
         for start in range(0, len(batch.scores), self.cfg.minibatch_size):
-            lp, v, _ = self._forward(batch.select(torch.arange(start, min(start + self.cfg.minibatch_size,
-                                                                          len(batch.scores)))))
+            rows = torch.arange(start, min(start + self.cfg.minibatch_size, len(batch.scores)))
+            lp, v, _ = self._forward(batch.select(rows))
             logprobs.append(lp.cpu())
             values.append(v.cpu())
         return torch.cat(logprobs), torch.cat(values)
 
-    def update(self, rollouts: list[Rollout]) -> dict:
+    def _scores(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
+        """The sequence scores PPO optimises: the reward server's, less `ppo.missing_eos_penalty` for a
+        response cut off at the length limit, then normalised by the running moments if `ppo.reward_norm`."""
+        scores = batch.scores - self.cfg.missing_eos_penalty * (~batch.finished).float()
+        metrics = {}
+        if self.cfg.reward_norm:
+            self.score_moments.update(scores)
+            scores = self.score_moments.normalise(scores)
+            metrics = {"reward/running_mean": self.score_moments.mean, "reward/running_std": self.score_moments.std}
+        return scores, {**metrics, "reward/optimised_mean": scores.mean().item()}
+
+    def update(self, rollouts: list) -> dict:
         """One PPO update on a batch of scored rollouts; returns metrics and advances the policy version."""
-        start = time.perf_counter()
         self.policy.train()
         batch = collate(rollouts, self.pad_id)
         mask = batch.response_mask
-        old_logprobs, old_values = self._old_logprobs_values(batch)
+        prox_logprobs, old_values = self._proximal(batch)
         old_values = old_values * mask
+        weights, offpolicy = ppo_math.truncated_importance_weights(prox_logprobs, batch.behaviour_logprobs, mask,
+                                                                   self.cfg.is_cap)
+        if not self.cfg.decoupled:
+            weights = mask  # every token weighs 1: the proximal policy is taken for the behaviour policy
+        scores, score_metrics = self._scores(batch)
         kl_coef = self.kl_ctl.value
-        rewards, kl = ppo_math.shaped_rewards(batch.scores, old_logprobs, batch.ref_logprobs, mask, kl_coef)
+        rewards, _ = ppo_math.shaped_rewards(scores, prox_logprobs, batch.ref_logprobs, mask, kl_coef)
         advantages, returns = ppo_math.gae(rewards, old_values, mask, self.cfg.gamma, self.cfg.lam)
         if self.cfg.whiten_advantages:
             advantages = ppo_math.masked_whiten(advantages, mask)
@@ -95,35 +116,36 @@ class PPOLearner:
             order = torch.randperm(B, generator=self.generator)
             for s in range(0, B, mbs):
                 rows = order[s:s + mbs]
-                stats = self._step(batch.select(rows), old_logprobs[rows], old_values[rows],
-                                   advantages[rows], returns[rows])
+                stats = self._step(batch.select(rows), prox_logprobs[rows], old_values[rows], advantages[rows],
+                                   returns[rows], weights[rows])
                 for k, v in stats.items():
                     totals.setdefault(k, []).append(v)
 
-        kl_per_seq = (kl * mask).sum(-1)
+        kl_per_seq = ppo_math.weighted_kl(prox_logprobs, batch.ref_logprobs, weights, mask)
         self.kl_ctl.update(kl_per_seq.mean().item(), B)
         self.version += 1
         metrics = {k: sum(v) / len(v) for k, v in totals.items()}
+        metrics.update({f"offpolicy/{k}": v.item() for k, v in offpolicy.items()})
+        metrics.update(score_metrics)
         metrics.update({
             "kl/mean": kl_per_seq.mean().item(),
             "kl/coef": kl_coef,
             "rollout/score_mean": batch.scores.mean().item(),
             "rollout/score_std": batch.scores.std().item() if B > 1 else 0.0,
             "rollout/response_len": mask.sum(-1).mean().item(),
-            "rollout/behaviour_logprob_gap": ppo_math.masked_mean(
-                (batch.behaviour_logprobs - old_logprobs).abs(), mask).item(),
+            "rollout/finished_frac": batch.finished.float().mean().item(),
             "value/mean": ppo_math.masked_mean(old_values, mask).item(),
             "version/learner": self.version,
-            "learner/update_seconds": time.perf_counter() - start,
             "learner/tokens": mask.sum().item(),
         })
         return metrics
 
-    def _step(self, mb: RolloutBatch, old_logprobs, old_values, advantages, returns) -> dict[str, float]:
+    def _step(self, mb: RolloutBatch, prox_logprobs, old_values, advantages, returns, weights) -> dict[str, float]:
+        """One optimiser step on a minibatch."""
         mask = mb.response_mask.to(self.device)
         logprobs, values, logits = self._forward(mb)
-        pg_loss, pg_stats = ppo_math.policy_loss(logprobs, old_logprobs.to(self.device),
-                                                 advantages.to(self.device), mask, self.cfg.clip)
+        pg_loss, pg_stats = ppo_math.policy_loss(logprobs, prox_logprobs.to(self.device), advantages.to(self.device),
+                                                 mask, self.cfg.clip, weights.to(self.device))
         vf_loss, vf_stats = ppo_math.value_loss(values, old_values.to(self.device), returns.to(self.device),
                                                 mask, self.cfg.value_clip)
         loss = pg_loss + self.cfg.vf_coef * vf_loss
@@ -133,33 +155,28 @@ class PPOLearner:
             list(self.policy.parameters()) + list(self.value_head.parameters()), self.cfg.max_grad_norm)
         self.optimizer.step()
         with torch.no_grad():
-            entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits.detach().float()), mask)
+            entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits.detach()), mask)
         return {
             "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "loss/total": loss.item(),
             "policy/entropy": entropy.item(), "policy/clip_frac": float(pg_stats["clip_frac"]),
-            "policy/approx_kl": float(pg_stats["approx_kl"]), "value/clip_frac": float(vf_stats["clip_frac"]),
-            "grad/norm": grad_norm.item(),
+            "policy/approx_kl": float(pg_stats["approx_kl"]), "policy/ratio_mean": float(pg_stats["ratio_mean"]),
+            "value/clip_frac": float(vf_stats["clip_frac"]), "grad/norm": grad_norm.item(),
         }
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Policy weights with HF names in the generation workers' dtype: what one broadcast publishes."""
         return {k: v.detach().to("cpu", self.inference_dtype) for k, v in self.policy.state_dict().items()}
 
-    @torch.no_grad()
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
-        """Per-token log-probs of given responses (temperature 1) under the learner's weights."""
-        rows = [Rollout(prompt_index=i, prompt_ids=p, response_ids=r, text="", logprobs=[], version=0, finished=True,
-                        worker="") for i, (p, r) in enumerate(zip(prompt_ids, response_ids))]
-        input_ids, attention_mask, resp, _ = pad_tokens(rows, self.pad_id)
+        """Per-token log-probs of given responses (temperature 1) under the learner's weights (for tests that
+        compare a worker's weights with the learner's after a sync)."""
         self.policy.eval()
-        logits, _ = response_forward(self.policy, input_ids.to(self.device), attention_mask.to(self.device),
-                                     resp.shape[1])
-        lp = ppo_math.logprobs_from_logits(logits, resp.to(self.device)).cpu()
-        return [lp[i, :len(r)].tolist() for i, r in enumerate(response_ids)]
+        return token_logprobs(self.policy, prompt_ids, response_ids, pad_id=self.pad_id,
+                              autocast_dtype=self.cfg.autocast)
 
     @torch.no_grad()
     def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations from the learner's own weights (to compare with a worker's after a sync)."""
+        """Greedy continuations from the learner's own weights (for tests: compared with a worker's after a sync)."""
         self.policy.eval()
         out = []
         for ids in prompt_ids:
@@ -178,16 +195,17 @@ class PPOLearner:
                     "kl_ctl": self.kl_ctl.state_dict()}, out / "value_head.pt")
         return str(out)
 
-    def save_checkpoint(self, path: str) -> str:
+    def save_checkpoint(self, path: str) -> int:
         """Everything `load_checkpoint` needs to continue exactly: the policy (an HF directory under
-        `policy/`, with the value head), the optimizer's moments, the KL controller, the version and
-        the random state of the minibatch order."""
+        `policy/`, with the value head), the optimizer's moments, the KL controller, the running score
+        moments, the version and the random state of the minibatch order. Returns the policy version."""
         out = Path(path)
         self.save(str(out / "policy"))
         torch.save({"optimizer": self.optimizer.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
+                    "score_moments": self.score_moments.state_dict(),
                     "version": self.version, "generator": self.generator.get_state(),
                     "torch_rng": torch.get_rng_state()}, out / "learner.pt")
-        return str(out)
+        return self.version
 
     def load_checkpoint(self, path: str) -> int:
         """Continue from `save_checkpoint(path)`: its weights replace the ones the learner started from.
@@ -206,6 +224,7 @@ class PPOLearner:
         state = torch.load(out / "learner.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.score_moments.load_state_dict(state.get("score_moments", {"count": 0, "mean": 0.0, "m2": 0.0}))
         self.version = state["version"]
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -215,6 +234,5 @@ class PPOLearner:
         return self.version
 
     def pid(self) -> int:
-        import os
-
+        """This actor's process id (the fault tests kill it)."""
         return os.getpid()

@@ -1,5 +1,5 @@
 """The one place metrics leave the job: a JSON-lines file, W&B (offline unless configured), and a
-progress line per step for the person watching."""
+progress line per step for the person watching; `Progress`, the rate-and-ETA line of any long loop."""
 
 from __future__ import annotations
 
@@ -12,6 +12,30 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+class Progress:
+    """done/total with rate and ETA; `advance` logs a line every `every_s` seconds and at the end (never,
+    with `every_s=None`: the caller prints `eta_s()` itself)."""
+
+    def __init__(self, label: str, total: int, unit: str, every_s: float | None = 15.0):
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.start = self.last_log = time.perf_counter()
+        self.done = 0
+
+    def rate(self) -> float:
+        return self.done / max(time.perf_counter() - self.start, 1e-9)
+
+    def eta_s(self) -> float:
+        return (self.total - self.done) / max(self.rate(), 1e-9)
+
+    def advance(self, count: int, detail: str = "") -> None:
+        self.done += count
+        now = time.perf_counter()
+        if self.every_s is not None and (now - self.last_log > self.every_s or self.done >= self.total):
+            log.info("%s: %d/%d %s%s | %.1f %s/s | ETA %.0f s", self.label, self.done, self.total, self.unit,
+                     f" | {detail}" if detail else "", self.rate(), self.unit, self.eta_s())
+            self.last_log = now
+
+
 class RunLogger:
     def __init__(self, output_dir: str, config: dict, wandb_mode: str = "offline", project: str = "rlhf-ray",
                  total_steps: int = 1, resume_id: str | None = None, first_step: int = 1):
@@ -20,7 +44,8 @@ class RunLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.dir / "metrics.jsonl", "a")
         self.total_steps = total_steps
-        self.first_step = first_step  # a resumed run's ETA counts the steps this process ran
+        # a resumed run's ETA counts the steps this process ran
+        self.steps = Progress("training", total_steps - first_step + 1, "steps", every_s=None)
         self.started = time.perf_counter()
         self.wandb = None
         if wandb_mode != "disabled":
@@ -67,15 +92,15 @@ class RunLogger:
 
     def progress(self, step: int, m: dict) -> str:
         """One line a person can read: rewards, KL, version lag, throughput, stage times, ETA."""
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / max(step - self.first_step + 1, 1) * (self.total_steps - step)
+        self.steps.advance(1)
         evals = (f" | held-out gold {m['eval/gold_reward_mean']:+.3f} proxy {m['eval/proxy_reward_mean']:+.3f}"
                  if "eval/gold_reward_mean" in m else "")
-        stages = " ".join(f"{k.split('/')[1]} {v:.1f}s" for k, v in m.items()
-                          if k.startswith("timing/") and not k.endswith("_total"))
+        stages = " ".join(f"{name} {m['timing/' + name]:.1f}s" for name in ("generate", "score", "reference"))
         line = (f"step {step}/{self.total_steps} | reward {m['rollout/score_mean']:+.3f}{evals} | "
                 f"kl {m['kl/mean']:.2f} (beta {m['kl/coef']:.3f}) | lag {m['version/lag_mean']:.1f} | "
-                f"{m['throughput/tokens_per_s']:.0f} tok/s | {stages} | ETA {eta / 60:.1f} min")
+                f"{m['throughput/tokens_per_s']:.0f} tok/s | take {m['timing/take']:.1f}s ({stages}) "
+                f"update {m['timing/update']:.1f}s publish {m['timing/publish']:.1f}s step {m['timing/step']:.1f}s"
+                f" | ETA {self.steps.eta_s() / 60:.1f} min")
         print(line, flush=True)
         return line
 
@@ -111,35 +136,3 @@ def _let_go_of_wandb() -> None:
         wandb.teardown(exit_code=1)
     except Exception:  # noqa: BLE001 - W&B is already broken; nothing here may stop the job
         pass
-
-
-class MemoryWatch:
-    """Peak memory used on this machine while the job runs (all processes: driver, Ray, every role),
-    sampled once a second, above what was in use when the watch started."""
-
-    def __init__(self, interval_s: float = 1.0):
-        import threading
-
-        import psutil
-
-        def used() -> int:
-            vm = psutil.virtual_memory()  # one sample: total and available from the same moment
-            return vm.total - vm.available
-
-        self._used = used
-        self.baseline = self._used()
-        self.peak = self.baseline
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
-        self._thread.start()
-
-    def _run(self, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
-            self.peak = max(self.peak, self._used())
-
-    def peak_gib(self) -> float:
-        return (self.peak - self.baseline) / 2**30
-
-    def stop(self) -> float:
-        self._stop.set()
-        return self.peak_gib()

@@ -1,4 +1,4 @@
-"""PPO math for RLHF: masked statistics, KL estimators, reward shaping, GAE, losses, KL controllers.
+"""PPO math for RLHF: masked statistics, reward shaping, off-policy weights, GAE, losses, KL controllers.
 
 Pure functions of tensors; torch is the only import. Shape conventions throughout:
 B rows (one sampled response each), T response-token positions, right-padded, V vocabulary size.
@@ -47,51 +47,64 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var * n / (n - 1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor) -> Tensor:
     """Normalise `x` to zero mean and unit variance over the real tokens of the whole batch.
 
     Statistics are pooled over the batch, not per row, as in OpenAI's lm-human-preferences and
-    TRL (which uses the unbiased variance, as here). With `shift_mean=False` the mean is kept and
-    only the scale changes: lm-human-preferences whitens rewards this way so that their sign still
-    means better or worse than nothing. Padding comes out 0.
+    TRL (which uses the unbiased variance, as here). Padding comes out 0.
     """
     mean = masked_mean(x, mask)
     var = masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return _zero_padding(whitened, mask)
+    return _zero_padding((x - mean) * torch.rsqrt(var + 1e-8), mask)
 
 
-# --- KL estimators -----------------------------------------------------------------------------
-# Per-token estimators of KL(pi || pi_ref) from tokens sampled from pi, after Schulman,
-# "Approximating KL Divergence" (http://joschu.net/blog/kl-approx.html), with r = pi_ref / pi.
+# --- KL to the reference ------------------------------------------------------------------------
 
 
 def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """k1 = -log r: unbiased but high variance, and negative on some tokens."""
+    """Per-token k1 = log pi - log pi_ref: the estimator of KL(pi || pi_ref) from tokens sampled from pi
+    that Ziegler et al. 2019 and InstructGPT put in the reward; unbiased, negative on some tokens
+    (Schulman, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html)."""
     return logprobs - ref_logprobs
 
 
-def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """k2 = (log r)^2 / 2: biased, low variance, never negative."""
-    return 0.5 * (logprobs - ref_logprobs) ** 2
+# --- off-policy correction ---------------------------------------------------------------------
+# Rollouts come from the behaviour policy mu: the policy version that the generation worker held (older
+# than the learner's by up to train.max_staleness versions) as vLLM computes it (other kernels, maybe
+# bf16). The learner's own log-probs at its current weights, before the update, are the proximal policy
+# pi_prox. Decoupled PPO (Hilton et al. 2022, "Batch size-invariance for policy optimization") clips
+# pi_theta / pi_prox as PPO does, and corrects for sampling from mu by weighting each token with
+# pi_prox / mu, truncated at a cap as in IMPALA's V-trace (Espeholt et al. 2018, sec. 4.1) so that a
+# rare token cannot blow up the variance; the TIS fix for vLLM/trainer mismatch (Yao et al. 2025) is the
+# same weight with cap 2.
 
 
-def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """k3 = (r - 1) - log r: unbiased, low variance, never negative (log r <= r - 1)."""
-    log_r = ref_logprobs - logprobs
-    return torch.expm1(log_r) - log_r
+@torch.no_grad()
+def truncated_importance_weights(prox_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor,
+                                 cap: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """w_t = min(pi_prox(a_t) / mu(a_t), cap) per token, 0 on padding; no gradient. Inputs (B, T).
+    Stats (detached 0-dim tensors over real tokens): mean, max and min of the untruncated weight, the
+    fraction of tokens truncated, and the mean |log pi_prox - log mu| (the log-prob gap)."""
+    log_w = _zero_padding(prox_logprobs - behaviour_logprobs, mask)
+    raw = torch.exp(log_w)
+    weights = _zero_padding(torch.clamp(raw, max=cap), mask)
+    real = mask.bool()
+    stats = {
+        "is_weight_mean": masked_mean(raw, mask),
+        "is_weight_max": raw[real].max() if real.any() else torch.ones(()),
+        "is_weight_min": raw[real].min() if real.any() else torch.ones(()),
+        "is_truncated_frac": masked_mean((raw > cap).to(raw.dtype), mask),
+        "logprob_gap": masked_mean(log_w.abs(), mask),
+    }
+    return weights, stats
 
 
-KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
-
-
-def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
-    """Per-token KL(pi || pi_ref) by the named estimator ("k1", "k2" or "k3"); same shape as inputs."""
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {sorted(KL_ESTIMATORS)}")
-    return KL_ESTIMATORS[estimator](logprobs, ref_logprobs)
+@torch.no_grad()
+def weighted_kl(prox_logprobs: Tensor, ref_logprobs: Tensor, weights: Tensor, mask: Tensor) -> Tensor:
+    """(B,) KL(pi_prox || pi_ref) of each response estimated from tokens sampled from mu: the sum over its
+    tokens of w_t * k1_t. E_mu[(pi/mu) (log pi - log pi_ref)] = KL(pi || pi_ref) at every state, while the
+    unweighted k1 averages log pi - log pi_ref under mu, another policy's tokens (and can even go negative)."""
+    return (_zero_padding(weights * kl_k1(prox_logprobs, ref_logprobs), mask)).sum(-1)
 
 
 # --- rewards and advantages --------------------------------------------------------------------
@@ -105,8 +118,10 @@ def shaped_rewards(
 
     r_t = -kl_coef * KL_t, and r_T += score, as in Ziegler et al. 2019 (eq. 2) and InstructGPT
     (Ouyang et al. 2022, eq. 2): the reward model judges only the whole response, while the penalty
-    keeps each token near the reference policy. k1 is the estimator both papers use. scores are
-    (B,), the others (B, T). Returns (rewards, kl), both (B, T) and 0 on padding.
+    keeps each token near the reference policy. k1 is the estimator both papers use. `logprobs` are
+    the proximal policy's; off-policy, the loss weights each token's advantage by w_t, which makes the
+    expected penalty KL(pi_prox || pi_ref) (see `weighted_kl`). scores are (B,), the others (B, T).
+    Returns (rewards, kl), both (B, T) and 0 on padding.
     """
     kl = _zero_padding(kl_k1(logprobs, ref_logprobs), mask)
     rewards = -kl_coef * kl
@@ -151,13 +166,18 @@ def gae(
 
 
 def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip: float
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip: float,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), negated to be minimised.
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), negated to be minimised; with `weights`, the
+    decoupled form of Hilton et al. 2022.
 
-    L = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1 - clip, 1 + clip)), rho_t = pi / pi_old,
-    averaged over all real tokens of the batch. All inputs (B, T). Stats are detached 0-dim tensors
-    (reading them with .item() is left to the logger, to avoid a device sync here):
+    L = mean_t w_t * max(-A_t * rho_t, -A_t * clip(rho_t, 1 - clip, 1 + clip)), rho_t = pi / pi_old,
+    averaged over all real tokens of the batch. `old_logprobs` are the proximal policy's; `weights`
+    (w_t = pi_prox / mu, truncated: `truncated_importance_weights`) correct for the tokens having been
+    sampled from the behaviour policy mu; None means w_t = 1, on-policy PPO. The weight is positive, so
+    it multiplies the max of both terms as it would each. All inputs (B, T). Stats are detached 0-dim
+    tensors (reading them with .item() is left to the logger, to avoid a device sync here):
       clip_frac: fraction of tokens whose clipped term is the larger, i.e. carries no gradient;
       approx_kl: k3 estimate of KL(pi_old || pi) on the tokens sampled from pi_old;
       ratio_mean: mean of rho_t.
@@ -171,7 +191,10 @@ def policy_loss(
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     # The max is the pessimistic bound: clipping removes the incentive to move rho outside
     # [1 - clip, 1 + clip] but never hides a loss that got worse.
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * _zero_padding(weights, mask).detach()
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
         stats = {
             "clip_frac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
@@ -230,6 +253,48 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """
     logprobs = torch.log_softmax(logits, dim=-1)
     return logprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+# --- reward normalisation ----------------------------------------------------------------------
+
+
+class RunningMoments:
+    """Running mean and standard deviation of every score seen, for normalising a learned reward model's
+    arbitrary scale (Ziegler et al. 2019 normalise their reward model to mean 0, std 1), which would
+    otherwise make the KL coefficient's meaning depend on the reward model. Batches merge exactly
+    (Chan et al. 1979's parallel variance), so the result does not depend on how scores were batched."""
+
+    def __init__(self):
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0  # sum of squared deviations from the mean
+
+    def update(self, x: Tensor) -> None:
+        n = x.numel()
+        if n == 0:
+            return
+        x = x.double()
+        batch_mean = x.mean().item()
+        batch_m2 = ((x - batch_mean) ** 2).sum().item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta ** 2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation; 1 until two scores have been seen."""
+        return (self.m2 / self.count) ** 0.5 if self.count > 1 else 1.0
+
+    def normalise(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / max(self.std, 1e-6)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
 
 
 # --- KL coefficient controllers ----------------------------------------------------------------

@@ -12,10 +12,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ray import serve
 
 from reward_server.scorers import ScoringError
+
+if TYPE_CHECKING:
+    from cluster.config import RewardConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +34,11 @@ class PendingScore:
     responses: list[str]
     response: object | None  # the Serve response of the latest attempt; None if it could not be sent
     error: Exception | None = None  # why it could not be sent
+    rewards: list[float] | None = None  # the answer, once `done` has seen it
 
 
 class RewardClient:
-    def __init__(self, cfg, app_name: str, handle=None):
+    def __init__(self, cfg: RewardConfig, app_name: str, handle=None):
         """`cfg` is the run's `RewardConfig`; `handle` the app's DeploymentHandle (looked up by name if
         None, and again after a failure, since a redeployed server needs a fresh handle)."""
         self.cfg = cfg
@@ -54,10 +59,26 @@ class RewardClient:
             return PendingScore(prompts, responses, None, exc)
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """The `Scorer` interface (reward_server/scorers.py): Best-of-N and reports score through the server
+        with the same retries and deadline as training."""
         return self.result(self.submit(prompts, responses))
+
+    def done(self, pending: PendingScore) -> bool:
+        """Whether the answer is in, or the attempt failed (`result` then retries); never waits."""
+        if pending.rewards is not None or pending.response is None:
+            return True
+        try:
+            pending.rewards = pending.response.result(timeout_s=0)
+        except TimeoutError:
+            return False
+        except Exception:  # noqa: BLE001 - a failed attempt; `result` retries it
+            return True
+        return True
 
     def result(self, pending: PendingScore) -> list[float]:
         """The rewards, retrying every `retry_interval_s` until `unavailable_deadline_s` has passed."""
+        if pending.rewards is not None:
+            return pending.rewards
         first_failure = None
         while True:
             try:

@@ -11,15 +11,19 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
-from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from learner.forward import autocast, torch_dtype
+from learner.metrics import Progress
 from reward_server.preferences import PreferencePair
 from reward_server.scorers import configure_padding, conversation_rewards
+
+if TYPE_CHECKING:
+    from cluster.config import RewardModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +43,14 @@ def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
 class RewardModelTrainer:
     """Loads `base` with a fresh scalar head and trains it; a plain class, run in-process or in an actor."""
 
-    def __init__(self, base_path: str, cfg):
+    def __init__(self, base_path: str, cfg: RewardModelConfig):
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(cfg.threads)
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
-        dtype = getattr(torch, cfg.dtype)
+        dtype = torch_dtype(cfg.dtype)
         # rm.num_layers keeps only the lower blocks: the config saved with the model says so, and every
         # loader builds the same truncated model.
         depth = {"num_hidden_layers": cfg.num_layers} if cfg.num_layers else {}
@@ -69,8 +73,6 @@ class RewardModelTrainer:
         # the direction quickly without the trunk drifting far (cf. InstructGPT's RM from an SFT model).
         self.optimizer = torch.optim.AdamW([{"params": trunk, "lr": cfg.lr},
                                             {"params": head, "lr": cfg.head_lr}], weight_decay=0.0)
-        self._autocast = (torch.autocast(device_type=cfg.device, dtype=getattr(torch, cfg.autocast))
-                          if cfg.autocast != "none" else None)
 
     def _freeze_lower_layers(self, train_layers: int) -> None:
         """Train only the top `train_layers` transformer blocks (0 = all): backward then stops early,
@@ -85,7 +87,7 @@ class RewardModelTrainer:
 
     def rewards(self, prompts: list, responses: list[str]) -> torch.Tensor:
         """(B,) scalar reward of each (prompt, response), pooled as `rm.pooling` says."""
-        with self._autocast or nullcontext():
+        with autocast(self.cfg.device, self.cfg.autocast):
             return conversation_rewards(self.model, self.tokenizer, prompts, responses, self.cfg.max_length,
                                         self.cfg.device)
 
@@ -130,7 +132,7 @@ class RewardModelTrainer:
         warmup = max(1, total // 20)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
-        history, step, start = [], 0, time.perf_counter()
+        history, progress = [], Progress("reward model", total, "steps", every_s=30.0)
         for epoch in range(1, cfg.epochs + 1):
             rng.shuffle(order)
             self.model.train()
@@ -144,15 +146,10 @@ class RewardModelTrainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 schedule.step()
-                step += 1
                 losses.append(loss.item())
                 accs.append(pair_accuracy(chosen.detach(), rejected.detach()))
-                if step % 10 == 0 or step == total:
-                    elapsed = time.perf_counter() - start
-                    log.info("reward model: epoch %d/%d, step %d/%d | loss %.3f acc %.2f (last 10) | %.1f pairs/s, "
-                             "ETA %.0f s", epoch, cfg.epochs, step, total, sum(losses[-10:]) / len(losses[-10:]),
-                             sum(accs[-10:]) / len(accs[-10:]), step * cfg.batch_size / elapsed,
-                             elapsed / step * (total - step))
+                progress.advance(1, f"epoch {epoch}/{cfg.epochs}, loss {sum(losses[-10:]) / len(losses[-10:]):.3f} "
+                                    f"acc {sum(accs[-10:]) / len(accs[-10:]):.2f} (last 10 steps)")
             metrics = {"epoch": epoch, "train/loss": sum(losses) / len(losses),
                        "train/accuracy": sum(accs) / len(accs)}
             if eval_pairs:

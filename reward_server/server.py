@@ -226,8 +226,8 @@ def reward_app(cfg: RewardConfig, resources: dict | None = None):
     ).bind(cfg)
 
 
-def start_reward_server(cfg: RewardConfig, resources: dict | None = None) -> DeploymentHandle:
-    """Start Serve's HTTP proxy on `cfg.host:cfg.port` and deploy the reward app at
+def start_reward_server(cfg: RewardConfig, resources: dict | None = None, name: str = APP_NAME) -> DeploymentHandle:
+    """Start Serve's HTTP proxy on `cfg.host:cfg.port` and deploy the reward app `name` at
     `cfg.route_prefix`; returns the handle the training loop scores through.
 
     Needs `ray.init` first. Serve keeps the HTTP address of its first start: if it already runs
@@ -235,7 +235,7 @@ def start_reward_server(cfg: RewardConfig, resources: dict | None = None) -> Dep
     """
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     cfg = dataclasses.replace(cfg, auth_token=resolve_secret(cfg.auth_token))
-    return serve.run(reward_app(cfg, resources), name=APP_NAME, route_prefix=cfg.route_prefix)
+    return serve.run(reward_app(cfg, resources), name=name, route_prefix=cfg.route_prefix)
 
 
 def resolve_secret(value: str) -> str:

@@ -24,6 +24,11 @@ class Candidate:
     mean_logprob: float  # mean per-token log-prob under the policy that sampled it
 
 
+def mean_logprob(rollout) -> float:
+    """Mean per-token log-prob of a response (an `actors.rollout.Rollout`) under the policy that sampled it."""
+    return sum(rollout.logprobs) / max(1, len(rollout.logprobs))
+
+
 def preference_probability(best: float, worst: float) -> float:
     """Bradley-Terry P(best > worst) = sigmoid(r_best - r_worst)."""
     return 1.0 / (1.0 + math.exp(-(best - worst)))

@@ -76,11 +76,11 @@ def test_auto_dtypes_use_bf16_only_where_the_hardware_has_it(monkeypatch, native
     monkeypatch.setattr(cluster.config, "native_bf16", lambda device: device == "cuda" or native)
     cfg = build_config({})
     half = "bfloat16" if native else None
-    assert (cfg.generation.dtype, cfg.reference.dtype) == (half or "float32",) * 2
+    assert cfg.generation.dtype == (half or "float32")
     assert (cfg.ppo.autocast, cfg.rm.autocast) == (half or "none",) * 2
     # on CUDA it is bf16 whatever the CPU; an explicit value is kept
-    cfg = build_config({"generation": {"device": "cuda"}, "reference": {"dtype": "float16"}})
-    assert (cfg.generation.dtype, cfg.reference.dtype, cfg.ppo.autocast) == ("bfloat16", "float16", half or "none")
+    cfg = build_config({"generation": {"device": "cuda"}, "ppo": {"autocast": "float16"}})
+    assert (cfg.generation.dtype, cfg.ppo.autocast, cfg.rm.autocast) == ("bfloat16", "float16", half or "none")
 
 
 def test_missing_config_file(tmp_path):
@@ -97,3 +97,24 @@ def test_cli_lists_every_field_with_help(capsys):
     assert main(["config"]) == 0
     out = capsys.readouterr().out
     assert "max_staleness = 0: 0 = on-policy" in out and "kl_target" in out
+
+
+def test_ppo_refuses_nucleus_sampling_with_the_reason(capsys):
+    """top_p < 1 samples from a truncated distribution the learner does not model; best-of-n may use it."""
+    assert main(["train", "--config", str(DEFAULT_CONFIG), "generation.top_p=0.9"]) == 2
+    err = capsys.readouterr().err
+    assert "generation.top_p = 0.9 but PPO needs 1.0" in err and "best-of-n" in err
+    assert load_config(DEFAULT_CONFIG, ["generation.top_p=0.9"]).generation.top_p == 0.9
+
+
+@pytest.mark.parametrize("depth, workers, change", [
+    (10, 2, +1),  # less than a batch (16) waiting: generation is the bottleneck
+    (10, 4, 0),  # ... but already at the most workers
+    (40, 3, -1),  # two batches waiting: workers sit idle behind a full buffer
+    (40, 1, 0),  # ... but already at the fewest
+    (20, 2, 0),  # between one and two batches: leave it
+])
+def test_autoscale_step_follows_the_buffer_depth(depth, workers, change):
+    from actors.worker_pool import autoscale_step
+
+    assert autoscale_step(depth, batch=16, workers=workers, fewest=1, most=4) == change

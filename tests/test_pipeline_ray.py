@@ -8,7 +8,7 @@ import pytest
 
 from cluster.cli import DEFAULT_CONFIG
 from cluster.config import load_config
-from learner.train import train
+from cluster.job import train
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.ray

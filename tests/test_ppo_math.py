@@ -11,9 +11,10 @@ from torch.testing import assert_close
 from learner.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
+    RunningMoments,
     entropy_from_logits,
     gae,
-    kl_per_token,
+    kl_k1,
     logprobs_from_logits,
     make_kl_controller,
     masked_mean,
@@ -21,7 +22,9 @@ from learner.ppo_math import (
     masked_whiten,
     policy_loss,
     shaped_rewards,
+    truncated_importance_weights,
     value_loss,
+    weighted_kl,
 )
 
 NAN, INF = float("nan"), float("inf")
@@ -74,35 +77,60 @@ def test_masked_whiten_pools_real_tokens_of_the_batch_and_zeroes_padding():
     # -1.5 -> -1.1618950, -0.5 -> -0.3872983, 0.5 -> 0.3872983, 1.5 -> 1.1618950.
     expected = t([[-1.1618950, -0.3872983, 0.3872983], [1.1618950, 0.0, 0.0]])
     assert_close(masked_whiten(x, MASK_3_1), expected)
-    # shift_mean=False adds the mean 2.5 back to the real tokens only.
-    expected_kept_mean = t([[1.3381050, 2.1127017, 2.8872983], [3.6618950, 0.0, 0.0]])
-    assert_close(masked_whiten(x, MASK_3_1, shift_mean=False), expected_kept_mean)
 
 
-# --- KL estimators -----------------------------------------------------------------------------
+# --- KL to the reference and off-policy weights -----------------------------------------------
 
 
-def test_kl_estimators_match_schulman_formulas():
-    logprobs = t([-1.0, -2.0])
-    ref_logprobs = t([-2.0, -1.0])
-    # d = logp - logp_ref = [1, -1].
-    # k1 = d = [1, -1]; k2 = d^2 / 2 = [0.5, 0.5].
-    assert_close(kl_per_token(logprobs, ref_logprobs), t([1.0, -1.0]))
-    assert_close(kl_per_token(logprobs, ref_logprobs, "k1"), t([1.0, -1.0]))
-    assert_close(kl_per_token(logprobs, ref_logprobs, "k2"), t([0.5, 0.5]))
-    # k3 with x = ref - logp = [-1, 1]: e^x - 1 - x = [e^-1 - 1 + 1, e - 1 - 1] = [0.3678794, 0.7182818].
-    assert_close(kl_per_token(logprobs, ref_logprobs, "k3"), t([0.3678794, 0.7182818]))
+def test_kl_k1_is_the_log_ratio():
+    assert_close(kl_k1(t([-1.0, -2.0]), t([-2.0, -1.0])), t([1.0, -1.0]))
 
 
-def test_kl_of_identical_policies_is_zero_for_every_estimator():
-    logprobs = t([-0.3, -4.0])
-    for name in ("k1", "k2", "k3"):
-        assert_close(kl_per_token(logprobs, logprobs, name), t([0.0, 0.0]))
+def test_truncated_importance_weights_and_their_stats():
+    mask = t([[1, 1, 1, 0]])
+    prox = t([[-1.0, -2.0, -0.5, NAN]])
+    behaviour = t([[-1.5, -1.0, -0.5, INF]])
+    weights, stats = truncated_importance_weights(prox, behaviour, mask, cap=1.5)
+    # log w = prox - behaviour = [0.5, -1.0, 0.0]; w = [e^0.5, e^-1, 1] = [1.6487213, 0.3678794, 1.0];
+    # truncated at 1.5: [1.5, 0.3678794, 1.0]; padding 0.
+    assert_close(weights, t([[1.5, 0.3678794, 1.0, 0.0]]))
+    # untruncated mean (1.6487213 + 0.3678794 + 1) / 3 = 1.0055336; max and min; 1 of 3 truncated;
+    # mean |log w| = (0.5 + 1 + 0) / 3 = 0.5
+    assert_close(stats["is_weight_mean"], t(1.0055336))
+    assert_close(stats["is_weight_max"], t(1.6487213))
+    assert_close(stats["is_weight_min"], t(0.3678794))
+    assert_close(stats["is_truncated_frac"], t(1.0 / 3.0))
+    assert_close(stats["logprob_gap"], t(0.5))
+    assert not weights.requires_grad
 
 
-def test_unknown_kl_estimator_names_the_choices():
-    with pytest.raises(ValueError, match="k1"):
-        kl_per_token(t([0.0]), t([0.0]), "k4")
+def test_weighted_kl_recovers_the_kl_of_the_policy_from_another_policys_samples():
+    """One step over a 3-token vocabulary: pi = [0.7, 0.2, 0.1], pi_ref = [0.4, 0.4, 0.2], and the tokens
+    were sampled from mu = [0.2, 0.3, 0.5]. Each row is one sampled token; averaging a row's estimate under
+    mu (weights mu) is the estimator's expectation."""
+    pi, ref, mu = t([0.7, 0.2, 0.1]), t([0.4, 0.4, 0.2]), t([0.2, 0.3, 0.5])
+    lp, ref_lp, mu_lp = pi.log()[:, None], ref.log()[:, None], mu.log()[:, None]  # (3 rows, 1 token)
+    mask = torch.ones(3, 1)
+    # True KL(pi || ref) = 0.7 ln(0.7/0.4) + 0.2 ln(0.5) + 0.1 ln(0.5) = 0.3917310 - 0.2079442 = 0.1837869.
+    true_kl = 0.1837869
+    # Unweighted k1 averages log pi - log ref under mu: 0.2 * 0.5596158 - 0.8 * 0.6931472 = -0.4425946.
+    unweighted = weighted_kl(lp, ref_lp, mask, mask)
+    assert_close((mu * unweighted).sum(), t(-0.4425946))
+    # Weighted by pi / mu = [3.5, 0.6666667, 0.2] (cap above 3.5): exactly the true KL.
+    weights, _ = truncated_importance_weights(lp, mu_lp, mask, cap=10.0)
+    assert_close((mu * weighted_kl(lp, ref_lp, weights, mask)).sum(), t(true_kl))
+    # Truncated at 2, the first weight is 2: 0.2 * 2 * 0.5596158 - (0.3 * 0.6666667 + 0.5 * 0.2) * 0.6931472
+    # = 0.2238463 - 0.2079442 = 0.0159022: biased, but with a bounded weight.
+    weights, _ = truncated_importance_weights(lp, mu_lp, mask, cap=2.0)
+    assert_close((mu * weighted_kl(lp, ref_lp, weights, mask)).sum(), t(0.0159022))
+
+
+def test_weighted_kl_sums_each_response_over_its_real_tokens():
+    mask = t([[1, 1, 0], [1, 0, 0]])
+    lp, ref_lp = t([[-1.0, -2.0, NAN], [-0.5, INF, 0.0]]), t([[-2.0, -1.0, 0.0], [-1.0, 0.0, 0.0]])
+    weights = t([[2.0, 0.5, NAN], [1.0, NAN, NAN]])
+    # row 0: 2 * 1 + 0.5 * (-1) = 1.5; row 1: 1 * 0.5 = 0.5
+    assert_close(weighted_kl(lp, ref_lp, weights, mask), t([1.5, 0.5]))
 
 
 # --- shaped rewards ----------------------------------------------------------------------------
@@ -225,6 +253,20 @@ def test_policy_loss_gradient_vanishes_on_clipped_tokens_and_padding():
     assert_close(logprobs.grad, t([[0.0, -0.1, 0.44, 0.0], [0.26, 0.0, 0.0, 0.0]]))
 
 
+def test_decoupled_policy_loss_weights_each_tokens_term():
+    logprobs, old_logprobs, advantages, mask = _policy_batch()
+    logprobs.requires_grad_()
+    weights = t([[2.0, 1.0, 0.5, 1.0], [0.25, NAN, NAN, NAN]])
+    loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip=0.2, weights=weights)
+    # The terms of the test above, [-1.2, -0.5, 2.2, 0.8 | 1.3], times the weights:
+    # -2.4 - 0.5 + 1.1 + 0.8 + 0.325 = -0.675, over 5 real tokens = -0.135
+    assert_close(loss, t(-0.135))
+    assert_close(stats["clip_frac"], t(0.4))  # the clipping is of pi / pi_old, as without weights
+    loss.backward()
+    # Unclipped tokens: w * (-A r) / 5: -0.5 / 5 = -0.1; 0.5 * 2.2 / 5 = 0.22; 0.25 * 1.3 / 5 = 0.065.
+    assert_close(logprobs.grad, t([[0.0, -0.1, 0.22, 0.0], [0.065, 0.0, 0.0, 0.0]]))
+
+
 def test_policy_loss_at_the_old_policy_is_minus_the_mean_advantage():
     mask = t([[1, 1, 0]])
     logprobs = t([[-1.0, -2.0, NAN]])
@@ -290,6 +332,26 @@ def test_logprobs_from_logits_gathers_log_softmax_at_labels():
     ).unsqueeze(0)
     labels = torch.tensor([[2, 0, 1]])
     assert_close(logprobs_from_logits(logits, labels), t([[-0.6931472, -1.0986123, -1.0986123]]))
+
+
+# --- reward normalisation ---------------------------------------------------------------------
+
+
+def test_running_moments_merge_batches_exactly_and_normalise():
+    moments = RunningMoments()
+    assert moments.std == 1.0  # nothing seen: normalising leaves scores as they are
+    moments.update(t([1.0, 2.0, 3.0]))
+    moments.update(t([4.0, 5.0]))
+    # 1..5: mean 3, population variance (4 + 1 + 0 + 1 + 4) / 5 = 2, std 1.4142136
+    assert moments.count == 5 and moments.mean == pytest.approx(3.0)
+    assert moments.std == pytest.approx(1.4142136)
+    assert_close(moments.normalise(t([3.0, 5.0])), t([0.0, 1.4142136]))
+    at_once = RunningMoments()
+    at_once.update(t([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert at_once.std == pytest.approx(moments.std) and at_once.mean == pytest.approx(moments.mean)
+    resumed = RunningMoments()
+    resumed.load_state_dict(moments.state_dict())
+    assert (resumed.count, resumed.mean, resumed.std) == (moments.count, moments.mean, moments.std)
 
 
 # --- KL controllers ----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""The rollout stream's bookkeeping on Ray, with stand-in workers (plain actors that answer at once or die
-on demand) so that membership changes and failures can be staged exactly: every prompt drawn is trained on
-exactly once through worker deaths, additions and removals; new and restarted workers load the current
-weights before they generate; the data position survives a checkpoint."""
+"""The rollout stream and the worker pool on Ray, with stand-in workers (plain actors that answer at once or
+die on demand) so that membership changes and failures can be staged exactly: every prompt drawn is trained
+on exactly once through worker deaths, additions and removals; new and restarted workers load the current
+weights before they generate (also one that Ray restarted while it was idle); the data position survives
+a checkpoint."""
 
 import os
 import time
@@ -9,9 +10,12 @@ import time
 import pytest
 import ray
 
-from actors.buffer import RolloutStream
+from actors.generation import WeightsBehind
+from actors.prompt_ledger import PromptLedger
 from actors.prompts import Prompt
 from actors.rollout import Rollout
+from actors.rollout_stream import RolloutStream
+from actors.worker_pool import WorkerPool
 
 pytestmark = pytest.mark.ray
 
@@ -27,7 +31,9 @@ class StandInWorker:
         self.die_on_call = die_on_call if marker and not os.path.exists(marker) else 0
         self.marker = marker
 
-    def generate(self, prompts, n=1, temperature=None, max_tokens=None):
+    def generate(self, prompts, n=1, temperature=None, max_tokens=None, expect_version=None):
+        if expect_version is not None and self.version < expect_version:  # as GenerationWorker.generate does
+            raise WeightsBehind(f"{self.name} holds version {self.version}, not {expect_version}")
         self.calls += 1
         if self.calls == self.die_on_call:
             open(self.marker, "w").close()
@@ -44,12 +50,13 @@ class StandInWorker:
     def stats(self):
         return {"name": self.name, "version": self.version}
 
+    def crash(self):
+        os._exit(1)
+
 
 class StandInReference:
-    def ref_logprobs(self, rollouts):
-        for r in rollouts:
-            r.ref_logprobs = list(r.logprobs)
-        return rollouts
+    def ref_logprobs(self, prompt_ids, response_ids, temperature=None):
+        return [[-1.0] * len(r) for r in response_ids]
 
 
 class InstantReward:
@@ -58,6 +65,9 @@ class InstantReward:
 
     def submit(self, prompts, responses):
         return [float(len(r)) for r in responses]
+
+    def done(self, pending):
+        return True
 
     def result(self, pending):
         return pending
@@ -73,25 +83,37 @@ def spawn(i):
 
 
 def make_stream(ws, staleness=0, buffer_size=16):
-    return RolloutStream(ws, ray.remote(StandInReference).remote(), InstantReward(), PROMPTS, samples_per_prompt=2,
-                         prompts_per_request=4, buffer_size=buffer_size, max_staleness=staleness, spawn=spawn)
+    return RolloutStream(WorkerPool(ws, spawn=spawn), PromptLedger(PROMPTS), ray.remote(StandInReference).remote(),
+                         InstantReward(), samples_per_prompt=2, prompts_per_request=4, buffer_size=buffer_size,
+                         max_staleness=staleness)
 
 
 def step(stream, batch_prompts=8):
-    """One training step as the job does it: take a batch, 'update', broadcast the next version."""
-    batch = stream.take(batch_prompts * stream.n)
-    stream.learner_version += 1
-    stream.broadcast(stream.learner_version, ray.put({"w": stream.learner_version}), block=True)
+    """One training step as the job does it: take a batch, 'update', publish the next version."""
+    batch = stream.take(batch_prompts * stream.samples_per_prompt)
+    with stream.training():
+        pass
+    stream.publish(ray.put({"w": stream.learner_version}), block=True)
     return batch
+
+
+def pump_until_synced(stream, timeout=60):
+    deadline = time.time() + timeout  # a restart takes a few seconds; batches go faster
+    while stream.pool.syncing and time.time() < deadline:
+        stream.pump()
+
+
+def counters(stream):
+    return {k.split("/", 1)[1]: v for k, v in stream.stats().items()}
 
 
 def assert_exactly_once(stream, batches, on_policy=True):
     draws = [r.draw for b in batches for r in b]
     per_draw = {d: draws.count(d) for d in set(draws)}
-    assert set(per_draw.values()) == {stream.n}, "every prompt's samples, each in one batch"
-    c = stream.counters
+    assert set(per_draw.values()) == {stream.samples_per_prompt}, "every prompt's samples, each in one batch"
+    c = counters(stream)
     assert c["prompts_trained"] == len(per_draw) and c["prompts_trained_twice"] == 0
-    assert c["prompts_drawn"] == c["prompts_trained"] + len(stream.pending)
+    assert c["prompts_drawn"] == c["prompts_trained"] + c["prompts_pending"]
     for b in batches:  # on-policy: every batch holds rollouts of the version being trained
         assert len({r.version for r in b}) == 1 or not on_policy
 
@@ -100,16 +122,14 @@ def test_a_worker_that_dies_is_restarted_with_current_weights_and_loses_no_promp
     ws = workers(2, max_restarts=1, marker=str(tmp_path / "died"), die_on_call=3)
     stream = make_stream(ws)
     batches = [step(stream) for _ in range(6)]
-    deadline = time.time() + 60
-    while stream.syncing and time.time() < deadline:  # a restart takes a few seconds; batches go faster
-        stream.pump()
+    pump_until_synced(stream)
     assert (tmp_path / "died").exists()
-    assert stream.counters["worker_failures"] == 2  # both stand-ins died once, on their 3rd call
-    assert stream.counters["prompts_reissued"] >= 4
+    assert counters(stream)["worker_failures"] == 2  # both stand-ins died once, on their 3rd call
+    assert counters(stream)["prompts_reissued"] >= 4
     assert_exactly_once(stream, batches)
-    assert len(stream.recoveries) == 2 and not stream.syncing
+    assert len(stream.pool.recoveries) == 2 and not stream.pool.syncing
     # the restarted processes hold the newest weights, and their rollouts were trained on
-    assert {ray.get(w.stats.remote())["version"] for w in stream.workers.values()} == {6}
+    assert {ray.get(w.stats.remote())["version"] for w in stream.pool.workers.values()} == {6}
     assert {r.worker for r in batches[-1]} <= {"w0", "w1"}
 
 
@@ -117,26 +137,47 @@ def test_a_worker_that_cannot_restart_is_replaced(ray_session, tmp_path):
     ws = workers(2, max_restarts=0, marker=str(tmp_path / "died"), die_on_call=2)
     stream = make_stream(ws)
     batches = [step(stream) for _ in range(4)]
-    deadline = time.time() + 60
-    while stream.syncing and time.time() < deadline:
-        stream.pump()
-    assert stream.counters["workers_replaced"] >= 1
+    pump_until_synced(stream)
+    assert counters(stream)["workers_replaced"] >= 1
     assert_exactly_once(stream, batches)
-    assert {ray.get(w.stats.remote())["version"] for w in stream.workers.values()} == {4}
+    assert {ray.get(w.stats.remote())["version"] for w in stream.pool.workers.values()} == {4}
+
+
+def test_a_worker_restarted_while_idle_loads_the_current_weights_before_it_generates(ray_session):
+    """Ray restarts a worker whose process died between calls; nothing the stream sent failed, so only the
+    worker itself can tell that it holds the initial weights again: it refuses to generate (WeightsBehind),
+    loads the current ones, and nothing it made at the old version is trained on or thrown away."""
+    stream = make_stream(workers(2, max_restarts=1))
+    batches = [step(stream) for _ in range(2)]
+    victim = stream.pool.workers[0]
+    ray.wait([victim.crash.remote()], timeout=30)  # on-policy, between steps: the worker is idle
+    deadline = time.time() + 60
+    while True:  # wait until Ray has it back, so that the stream never sees a failed call
+        try:
+            if ray.get(victim.stats.remote(), timeout=5)["version"] == 0:
+                break
+        except ray.exceptions.RayActorError:
+            assert time.time() < deadline, "Ray did not restart the worker"
+            time.sleep(0.5)
+    batches += [step(stream) for _ in range(3)]
+    pump_until_synced(stream)
+    c = counters(stream)
+    assert c["workers_resynced"] >= 1 and c["worker_failures"] == 0
+    assert c["rollouts_dropped_stale"] == 0
+    assert_exactly_once(stream, batches)  # every batch of one version: the one being trained
+    assert all(r.version == v for v, b in enumerate(batches) for r in b)
+    assert ray.get(victim.stats.remote())["version"] == 5
 
 
 def test_an_added_worker_generates_with_the_current_weights(ray_session):
     stream = make_stream(workers(1))
     batches = [step(stream) for _ in range(2)]
-    new = stream.add_worker()
+    new = stream.pool.add()
     batches.append(step(stream))  # the learner goes on while the new worker starts
-    deadline = time.time() + 60
-    while stream.syncing and time.time() < deadline:
-        stream.pump()
+    pump_until_synced(stream)
     batches += [step(stream) for _ in range(2)]
-    assert stream.joined[new]["first_version"] == stream.joined[new]["current_version"] >= 2
+    assert stream.pool.joined[new]["first_version"] == stream.pool.joined[new]["current_version"] >= 2
     assert any(r.worker == f"w{new}" for b in batches[2:] for r in b)
-    assert stream.counters["chunks_behind_weights"] == 0
     assert_exactly_once(stream, batches)
 
 
@@ -147,12 +188,14 @@ def test_a_removed_worker_gives_back_its_unfinished_prompts(ray_session):
     while not any(c.worker == 2 for c in stream.generating.values()) and len(batches) < 10:
         batches.append(step(stream))
     assert any(c.worker == 2 for c in stream.generating.values())
-    stream.remove_worker(2)
-    assert stream.counters["workers_removed"] == 1 and 2 not in stream.workers
+    stream.pool.remove(2)
+    assert counters(stream)["workers_removed"] == 1 and 2 not in stream.pool.workers
     batches += [step(stream) for _ in range(3)]
     draws = [r.draw for b in batches for r in b]
-    assert len(draws) == len(set(draws)) * stream.n and stream.counters["prompts_trained_twice"] == 0
-    assert stream.counters["prompts_drawn"] == stream.counters["prompts_trained"] + len(stream.pending)
+    c = counters(stream)
+    assert len(draws) == len(set(draws)) * stream.samples_per_prompt and c["prompts_trained_twice"] == 0
+    assert c["prompts_drawn"] == c["prompts_trained"] + c["prompts_pending"]
+    assert c["prompts_reissued"] >= 4  # worker 2's chunk went out again
     assert all(r.worker != "w2" for b in batches[1:] for r in b if r.version >= 1)
 
 
@@ -163,21 +206,20 @@ def test_the_data_position_survives_a_checkpoint(ray_session, staleness):
     stream = make_stream(workers(2), staleness=staleness)
     for _ in range(2):
         step(stream)
-    state = stream.state_dict()
+    state = stream.ledger.state_dict()
     expected = [sorted((r.draw, r.prompt_index) for r in step(stream)) for _ in range(2)]
     resumed = make_stream(workers(2), staleness=staleness)
-    resumed.load_state_dict(state)
-    assert [d for d, _ in resumed.requeue] == [d for d, _ in state["pending"]]
+    resumed.resume(state, version=2)
+    assert [d.number for d in resumed.ledger.requeue] == [d for d, _ in state["pending"]]
     assert (staleness == 0) == (not state["pending"])  # running ahead leaves work in flight at a checkpoint
-    resumed.learner_version = 2
-    resumed.broadcast(2, ray.put({}), block=True)
+    resumed.publish(ray.put({}), block=True)
     got = [sorted((r.draw, r.prompt_index) for r in step(resumed)) for _ in range(2)]
     if staleness == 0:
         assert got == expected
     else:  # the work in flight at the checkpoint is redone first
         pending, trained = {d for d, _ in state["pending"]}, {d for batch in got for d, _ in batch}
         assert pending and pending <= trained
-    assert resumed.counters["prompts_trained_twice"] == 0
+    assert counters(resumed)["prompts_trained_twice"] == 0
 
 
 def test_workers_run_ahead_no_further_than_the_staleness_bound_allows(ray_session):
@@ -189,6 +231,6 @@ def test_workers_run_ahead_no_further_than_the_staleness_bound_allows(ray_sessio
         version = stream.learner_version
         batches.append(step(stream))
         lags += [version - r.version for r in batches[-1]]
-    assert stream.counters["rollouts_dropped_stale"] == 0 and stream.counters["prompts_reissued"] == 0
+    assert counters(stream)["rollouts_dropped_stale"] == 0 and counters(stream)["prompts_reissued"] == 0
     assert max(lags) <= 1
     assert_exactly_once(stream, batches, on_policy=False)

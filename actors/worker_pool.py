@@ -1,0 +1,314 @@
+"""The generation workers: the one owner of the fleet.
+
+Membership changes while a job runs: `add` and `remove` (elastic scaling, `rlhf scale`, autoscaling on
+the rollout buffer's depth), and a worker whose process dies is brought back (Ray restarts the actor;
+if it cannot, or the worker is not back within RECOVER_TIMEOUT_S, `spawn` replaces it). A worker that
+comes back, a replacement and a new worker all load the current weights before they are handed prompts;
+so does a worker that Ray restarted while it was idle, which says so at its next call (`WeightsBehind`).
+
+Weights are published once into the object store and every worker loads that one object (`publish`).
+`sample` draws N responses per prompt outside the training stream (evaluation, preference pairs,
+West-of-N, Best-of-N), on whichever workers are free, re-sampling a shard whose worker dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Callable
+
+import ray
+from ray.exceptions import ActorDiedError, RayActorError
+
+from actors.generation import WeightsBehind
+from actors.prompts import Prompt
+from actors.rollout import Rollout
+from actors.watchdog import Watchdog
+from learner.metrics import Progress
+
+log = logging.getLogger(__name__)
+
+# A worker that Ray has not brought back after this long is replaced by a new one.
+RECOVER_TIMEOUT_S = 300.0
+# How often a worker that is being restarted is asked whether it is up.
+SYNC_RETRY_S = 1.0
+
+
+def worker_name(index: int) -> str:
+    """The Ray actor name of generation worker `index`, as the dashboard shows it."""
+    return f"generation-worker-{index}"
+
+
+def autoscale_step(depth: int, batch: int, workers: int, fewest: int, most: int) -> int:
+    """+1, -1 or 0 workers, from the rollouts waiting when the learner asks for a batch: less than a batch
+    waiting means generation is the bottleneck (add one); two batches waiting means workers sit idle
+    behind a full buffer (give one back)."""
+    if depth < batch and workers < most:
+        return 1
+    if depth >= 2 * batch and workers > fewest:
+        return -1
+    return 0
+
+
+class WorkerPool:
+    def __init__(self, workers: list, spawn: Callable[[int], object] | None = None,
+                 watchdog: Watchdog | None = None, autoscale_bounds: tuple[int, int] | None = None):
+        """`workers`: generation worker actor handles (worker i is named `worker_name(i)`); `spawn(i)` starts
+        a replacement or an additional one; `autoscale_bounds`: (fewest, most) workers, or no autoscaling."""
+        self.workers: dict[int, object] = dict(enumerate(workers))
+        self.versions = {i: 0 for i in self.workers}  # version of the last weights sent to each
+        self.syncing: dict[int, int] = {}  # worker -> failed attempts so far; no prompts until it has synced
+        self.down_since: dict[int, float] = {}  # worker -> when it failed, until it has synced again
+        self.retry_at: dict[int, float] = {}  # worker -> when to ask a restarting worker again
+        self.loads: dict[ray.ObjectRef, tuple[int, int]] = {}  # weight load or liveness check -> (worker, version)
+        self.weights_ref: ray.ObjectRef | None = None  # the newest published weights, kept for late joiners
+        self.weights_version = 0
+        self.last_dispatch: dict[int, float] = {}  # worker -> when it was last handed prompts
+        self.generating: dict[ray.ObjectRef, tuple[int, object, int]] = {}  # call -> (worker, its handle, version)
+        self.spawn = spawn
+        self.watchdog = watchdog or Watchdog(None)
+        self.autoscale_bounds = autoscale_bounds
+        self.counters = {"worker_failures": 0, "workers_replaced": 0, "workers_added": 0, "workers_removed": 0,
+                         "workers_resynced": 0}
+        self.joined: dict[int, dict] = {}  # added worker -> policy version of its first rollouts and the current one
+        self.recoveries: list[float] = []  # seconds from each worker failure to its first successful sync
+
+    # --- handing out work ----------------------------------------------------------------------------
+    def idle(self, busy: set[int], min_version: int) -> list[int]:
+        """Workers free for prompts: not busy, up, holding at least `min_version`; idle longest first, so
+        that an added worker gets work even when only a few chunks fit."""
+        free = [i for i in self.workers
+                if i not in busy and i not in self.syncing and self.versions[i] >= min_version]
+        return sorted(free, key=lambda i: self.last_dispatch.get(i, 0.0))
+
+    def generate(self, i: int, prompts: list[tuple[int, list[int]]], n: int,
+                 temperature: float | None = None) -> ray.ObjectRef:
+        """Start worker i sampling `n` responses per (index, token ids); `collect` takes the result."""
+        self.last_dispatch[i] = time.perf_counter()
+        actor, version = self.workers[i], self.versions[i]
+        ref = actor.generate.remote(prompts, n, temperature, expect_version=version)
+        self.generating[ref] = (i, actor, version)
+        return self.watchdog.sent(ref, worker_name(i), "generate")
+
+    def collect(self, ref: ray.ObjectRef) -> list[Rollout] | None:
+        """The rollouts of a finished `generate` call, or None when they were lost: the worker died (it is
+        being brought back) or was behind (it is loading the current weights)."""
+        self.watchdog.done(ref)
+        i, actor, version = self.generating.pop(ref)
+        try:
+            rollouts = ray.get(ref)
+        except RayActorError as exc:
+            if self._is_current(i, actor):
+                self.failed(i, exc)
+            return None
+        except WeightsBehind as exc:
+            if self._is_current(i, actor):
+                self._resync(i, exc)
+            return None
+        if i in self.joined and "first_version" not in self.joined[i] and rollouts:
+            self.joined[i].update(first_version=rollouts[0].version, current_version=version)
+        return rollouts
+
+    def _is_current(self, i: int, actor) -> bool:
+        """Whether `actor` still is worker i (not removed, not replaced since the call was sent)."""
+        return i in self.workers and self.workers[i] == actor
+
+    # --- failures and recovery -----------------------------------------------------------------------
+    def failed(self, i: int, exc: Exception, during_sync: bool = False) -> None:
+        """A call to worker i failed because its process is gone: bring it back (Ray restarts the actor;
+        one that is dead for good, or not back in RECOVER_TIMEOUT_S, is replaced)."""
+        if i not in self.workers:
+            return
+        now = time.perf_counter()
+        if i not in self.down_since:
+            self.counters["worker_failures"] += 1
+            self.down_since[i] = now
+            log.warning("generation worker %d failed (%s); the prompts it was generating go back in the queue; "
+                        "waiting for it to come back", i, type(exc).__name__)
+        # The call that saw the death may say "died" while Ray restarts the actor, but calls to a restarting
+        # actor say "unavailable": "died" twice while bringing it back means it is dead for good.
+        self.syncing[i] = self.syncing.get(i, 0) + (1 if during_sync and isinstance(exc, ActorDiedError) else 0)
+        if self.syncing[i] >= 2 or now - self.down_since[i] > RECOVER_TIMEOUT_S:
+            self._replace(i)
+            self.syncing[i] = 0
+        if not any(w == i for w, _ in self.loads.values()) and i not in self.retry_at:
+            self.retry_at[i] = now + SYNC_RETRY_S
+
+    def _resync(self, i: int, exc: Exception) -> None:
+        log.warning("%s; loading policy version %d into it before it gets prompts again", exc, self.weights_version)
+        self.counters["workers_resynced"] += 1
+        self._sync(i)
+
+    def _sync(self, i: int) -> None:
+        """Load the current weights into worker i (a restarted, replaced or new one) before it gets prompts."""
+        self.syncing.setdefault(i, 0)
+        worker = self.workers[i]
+        if self.weights_ref is not None:
+            ref = worker.load_weights.remote(self.weights_version, self.weights_ref)
+        else:  # nothing published yet: it holds the initial weights; only check that it is up
+            ref = worker.stats.remote()
+        self.loads[self.watchdog.sent(ref, worker_name(i), "load_weights")] = (i, self.weights_version)
+
+    def poll(self) -> None:
+        """Ask restarting workers again whether they are up, where that is due."""
+        now = time.perf_counter()
+        for i, when in list(self.retry_at.items()):
+            if now >= when:
+                del self.retry_at[i]
+                if i in self.workers:
+                    self._sync(i)
+
+    def _replace(self, i: int) -> None:
+        if self.spawn is None:
+            raise RuntimeError(f"generation worker {i} is dead and there is no way to start another")
+        log.warning("generation worker %d is not coming back; starting a replacement", i)
+        ray.kill(self.workers[i], no_restart=True)
+        self.watchdog.forget_role(worker_name(i))
+        self.loads = {ref: (w, v) for ref, (w, v) in self.loads.items() if w != i}
+        self.workers[i] = self.spawn(i)
+        self.counters["workers_replaced"] += 1
+
+    # --- weights -------------------------------------------------------------------------------------
+    def publish(self, version: int, weights_ref: ray.ObjectRef) -> list[ray.ObjectRef]:
+        """Every worker that is up loads the weights published once as `weights_ref` (a worker coming back
+        gets them when it is up); returns the loads sent."""
+        self.weights_ref, self.weights_version = weights_ref, version
+        sent = []
+        for i, worker in self.workers.items():
+            if i in self.syncing:
+                continue
+            ref = self.watchdog.sent(worker.load_weights.remote(version, weights_ref), worker_name(i), "load_weights")
+            self.loads[ref] = (i, version)
+            self.versions[i] = version
+            sent.append(ref)
+        return sent
+
+    def waiting(self) -> list[ray.ObjectRef]:
+        """Weight loads and liveness checks in flight: pass each ready one to `settle`."""
+        return list(self.loads)
+
+    def settle(self, ref: ray.ObjectRef) -> None:
+        """A weight load or liveness check has finished (or failed)."""
+        self.watchdog.done(ref)
+        if ref not in self.loads:
+            return
+        i, version = self.loads.pop(ref)
+        if i not in self.workers:
+            return
+        try:
+            ray.get(ref)
+        except RayActorError as exc:
+            self.failed(i, exc, during_sync=i in self.syncing)
+            return
+        self.versions[i] = max(self.versions[i], version)
+        if i in self.syncing:
+            if version < self.weights_version:  # newer weights were published while it loaded these
+                self._sync(i)
+                return
+            del self.syncing[i]
+            if i in self.down_since:
+                took = time.perf_counter() - self.down_since.pop(i)
+                self.recoveries.append(took)
+                log.warning("generation worker %d is back with policy version %d, %.1f s after it failed",
+                            i, version, took)
+
+    # --- membership ----------------------------------------------------------------------------------
+    def add(self) -> int:
+        """Start one more generation worker; it loads the current weights before it gets prompts."""
+        if self.spawn is None:
+            raise RuntimeError("this pool has no way to start workers (no spawn function)")
+        i = max(self.workers, default=-1) + 1
+        self.workers[i] = self.spawn(i)
+        self.versions[i] = self.weights_version
+        self.counters["workers_added"] += 1
+        self.joined[i] = {"added_at_version": self.weights_version}
+        self._sync(i)
+        log.info("added generation worker %d (%d workers)", i, len(self.workers))
+        return i
+
+    def remove(self, i: int | None = None) -> int:
+        """Stop worker i (default: the newest); the prompts it was generating go back in the queue when its
+        calls fail."""
+        if len(self.workers) <= 1:
+            raise ValueError("cannot remove the last generation worker")
+        i = max(self.workers) if i is None else i
+        ray.kill(self.workers.pop(i))
+        self.watchdog.forget_role(worker_name(i))
+        self.loads = {ref: (w, v) for ref, (w, v) in self.loads.items() if w != i}
+        for state in (self.versions, self.syncing, self.down_since, self.retry_at):
+            state.pop(i, None)
+        self.counters["workers_removed"] += 1
+        log.info("removed generation worker %d (%d workers)", i, len(self.workers))
+        return i
+
+    def scale_to(self, count: int) -> None:
+        while len(self.workers) < count:
+            self.add()
+        while len(self.workers) > max(count, 1):
+            self.remove()
+
+    def autoscale(self, depth: int, batch: int) -> None:
+        """At most one membership change per batch, from the buffer depth (`autoscale_step`)."""
+        if self.autoscale_bounds is None or self.syncing:
+            return
+        change = autoscale_step(depth, batch, len(self.workers), *self.autoscale_bounds)
+        if change:
+            log.info("autoscale: %d rollouts waiting for a batch of %d, %s a worker", depth, batch,
+                     "adding" if change > 0 else "removing")
+            self.add() if change > 0 else self.remove()
+
+    # --- sampling outside the training stream --------------------------------------------------------
+    def sample(self, prompts: list[Prompt], samples_per_prompt: int, temperature: float | None = None,
+               chunk_size: int = 32, label: str = "sampling") -> list[list[Rollout]]:
+        """`samples_per_prompt` responses for each prompt, one list per prompt in the order given (a prompt
+        listed twice gets two lists). Chunks go to whichever worker is free, with a progress line."""
+        todo = deque(list(range(start, min(start + chunk_size, len(prompts))))
+                     for start in range(0, len(prompts), chunk_size))
+        groups: list[list[Rollout]] = [[] for _ in prompts]
+        running: dict[ray.ObjectRef, tuple[int, list[int]]] = {}  # call -> (worker, positions in `prompts`)
+        progress = Progress(label, len(prompts) * samples_per_prompt, "responses")
+        waiting_since = time.monotonic()
+        while todo or running:
+            busy = {i for i, _ in running.values()}
+            for i in self.idle(busy, self.weights_version):
+                if not todo:
+                    break
+                positions = todo.popleft()
+                # The position in `prompts` is the index the worker echoes back, so duplicates stay apart.
+                ref = self.generate(i, [(k, prompts[k].token_ids) for k in positions], samples_per_prompt,
+                                    temperature)
+                running[ref] = (i, positions)
+            self.poll()
+            self.watchdog.check(waiting_since)
+            refs = list(running) + self.waiting()
+            if not refs:  # every worker is on its way back; nothing to wait on yet
+                time.sleep(0.05)
+                continue
+            for ref in ray.wait(refs, num_returns=1, timeout=0.5)[0]:
+                if ref not in running:
+                    self.settle(ref)
+                    continue
+                _, positions = running.pop(ref)
+                rollouts = self.collect(ref)
+                if rollouts is None:
+                    todo.appendleft(positions)
+                    continue
+                for r in rollouts:
+                    groups[r.prompt_index].append(r)
+                    r.prompt_index = prompts[r.prompt_index].index
+                progress.advance(len(rollouts))
+        return groups
+
+    # --- reporting -----------------------------------------------------------------------------------
+    def status(self) -> dict:
+        return {"workers": {i: ("syncing" if i in self.syncing else f"version {self.versions[i]}")
+                            for i in sorted(self.workers)},
+                "recoveries_s": [round(t, 1) for t in self.recoveries], "joined": self.joined}
+
+    def stats(self) -> dict:
+        return {**self.counters, "workers": len(self.workers), "workers_syncing": len(self.syncing)}
+
+    def shutdown(self) -> None:
+        for worker in self.workers.values():
+            ray.kill(worker, no_restart=True)

@@ -1,0 +1,249 @@
+"""A PPO job (`rlhf train`) around the training loop of learner/train.py: the roles launched on Ray, the
+control actor (`rlhf scale`, `rlhf status`), a graceful stop on SIGTERM (`ray job stop`) or Ctrl-C, a
+fresh start of the roles from the last checkpoint when the learner's process dies, a diagnosis and a
+non-zero exit when the job hangs, and the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from actors.prompt_ledger import PromptLedger
+from actors.prompts import Prompt, load_prompts
+from actors.rollout_stream import RolloutStream
+from actors.watchdog import Hang, JobHung, Watchdog
+from cluster import checkpoint
+from cluster.config import ConfigError, RunConfig
+from cluster.control import ControlLink, start_control
+from cluster.launch import Roles, launch_roles, shutdown_roles, start_ray
+from cluster.models import resolve_model
+from cluster.monitoring import JobMetrics, MemoryWatch
+from cluster.stacks import actor_stack
+from learner.metrics import RunLogger
+from learner.train import Loop, evaluate, publish_weights, run_steps
+from reward_server.client import RewardClient
+from reward_server.scorers import make_scorer
+from reward_server.server import APP_NAME
+
+log = logging.getLogger(__name__)
+
+
+class LearnerLost(RuntimeError):
+    """The learner's process died; the job continues from the last checkpoint."""
+
+
+class GracefulStop:
+    """SIGTERM (`ray job stop`) or Ctrl-C: finish the step in progress, write a checkpoint, stop.
+    A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"{self.requested} received: stopping after the step in progress, with a checkpoint", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Job:
+    """What every attempt of one job shares (an attempt ends when the learner's process dies)."""
+
+    cfg: RunConfig
+    model_path: str
+    train_prompts: list[Prompt]
+    eval_prompts: list[Prompt]
+    started: float  # time.perf_counter() at the start
+    memory: MemoryWatch
+    gauges: JobMetrics
+    stop: GracefulStop
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run the PPO job the config describes; returns its summary."""
+    from transformers import AutoTokenizer
+
+    if cfg.generation.top_p < 1.0:
+        raise ConfigError(f"generation.top_p = {cfg.generation.top_p} but PPO needs 1.0: the learner's log-probs (the "
+                          f"PPO ratio, the KL penalty, the off-policy weights) are of the whole distribution, not of "
+                          f"the nucleus the workers would sample from. top_p < 1 is for best-of-n, make-preferences "
+                          f"and west-of-n")
+    started, memory = time.perf_counter(), MemoryWatch()
+    model_path = resolve_model(cfg.model.path)
+    train_prompts, eval_prompts = load_prompts(cfg.data, AutoTokenizer.from_pretrained(model_path))
+    log.info("%d training prompts, %d held-out prompts from %s", len(train_prompts), len(eval_prompts),
+             cfg.data.path)
+    resume = checkpoint.resume_from(cfg.train.resume, cfg.train.output_dir)
+    start_ray(cfg.train)
+    job = Job(cfg, model_path, train_prompts, eval_prompts, started, memory,
+              JobMetrics(Path(cfg.train.output_dir).name), GracefulStop())
+    try:
+        for attempt in range(cfg.train.max_learner_restarts + 1):
+            try:
+                return _attempt(job, resume, attempt)
+            except LearnerLost as exc:
+                resume = checkpoint.resume_from("auto", cfg.train.output_dir)
+                if attempt == cfg.train.max_learner_restarts:
+                    raise RuntimeError(f"the learner died {attempt + 1} times (train.max_learner_restarts = "
+                                       f"{cfg.train.max_learner_restarts}); last: {exc}") from exc
+                log.warning("the learner died (%s); restarting the job's roles from %s", exc,
+                            resume or "the initial policy")
+    finally:
+        job.stop.restore()
+        memory.stop()
+        job.gauges.close()
+
+
+def _attempt(job: Job, resume: Path | None, attempt: int) -> dict:
+    """Launch the roles, run the steps left, stop the roles."""
+    cfg = job.cfg
+    watchdog = Watchdog(cfg.train.hang_timeout_s)
+    roles = launch_roles(cfg, job.model_path, watchdog)
+    control, loop = start_control(), None
+    try:
+        link = ControlLink(control, status=lambda: stream.status(), workers=lambda: len(roles.pool.workers),
+                           scale_to=roles.pool.scale_to)
+        gen = cfg.generation
+        stream = RolloutStream(roles.pool, PromptLedger(job.train_prompts, cfg.data.seed), roles.reference,
+                               RewardClient(cfg.reward, APP_NAME, roles.reward),
+                               samples_per_prompt=gen.samples_per_prompt, prompts_per_request=gen.prompts_per_request,
+                               buffer_size=cfg.train.buffer_size, max_staleness=cfg.train.max_staleness,
+                               watchdog=watchdog, on_pump=link.poll)
+        loop = _start_loop(job, roles, stream, resume)
+        run_steps(loop, loop.step + 1)
+        return _finish(job, loop, attempt)
+    except RayActorError as exc:
+        if _alive(roles.learner):
+            raise
+        if loop is not None:
+            loop.logger.abandon()
+        raise LearnerLost(f"{type(exc).__name__} at step {loop.step + 1 if loop else 1}") from exc
+    except Hang as exc:
+        raise _report_hang(exc, job, roles, loop) from exc
+    finally:
+        ray.kill(control)
+        shutdown_roles(roles)
+
+
+def _start_loop(job: Job, roles: Roles, stream: RolloutStream, resume: Path | None) -> Loop:
+    """The loop at its start: from a checkpoint (the workers get its weights), or from the initial policy
+    with the held-out figures before training."""
+    cfg = job.cfg
+    meta = {}
+    if resume is not None:
+        meta = checkpoint.restore(resume, roles.learner, stream)
+        publish_weights(stream, roles.learner, block=True)  # every worker starts from the initial policy
+    logger = RunLogger(cfg.train.output_dir, cfg.to_dict(), cfg.train.wandb_mode, cfg.train.wandb_project,
+                       cfg.train.steps, resume_id=meta.get("wandb_id"), first_step=meta.get("step", 0) + 1)
+
+    def save_checkpoint(step: int) -> None:
+        path = checkpoint.save(roles.learner, stream.ledger, step, cfg.train.output_dir, cfg.train.keep_checkpoints,
+                               stream.watchdog, {"before": loop.before, "after": loop.after, "wandb_id": logger.run_id})
+        logger.checkpoint(path, step)
+
+    loop = Loop(cfg, stream, roles.learner, roles.reference, job.eval_prompts, make_scorer(cfg.train.gold_scorer),
+                logger, save_checkpoint, stop_requested=lambda: job.stop.requested is not None,
+                record=job.gauges.record, step=meta.get("step", 0))
+    if resume is not None:
+        loop.before, loop.after = meta["before"], meta.get("after", meta["before"])
+        print(f"resumed from {resume} (step {meta['step']}, policy version {stream.learner_version})", flush=True)
+        return loop
+    loop.before = loop.after = evaluate(loop)
+    logger.log(0, loop.before)
+    print(f"before training: held-out gold reward {loop.before['eval/gold_reward_mean']:+.3f}, proxy reward "
+          f"({cfg.reward.scorer}) {loop.before['eval/proxy_reward_mean']:+.3f}, KL {loop.before['eval/kl_mean']:.2f}",
+          flush=True)
+    return loop
+
+
+def _alive(actor) -> bool:
+    try:
+        ray.get(actor.get_version.remote(), timeout=30)
+        return True
+    except (RayActorError, GetTimeoutError):
+        return False
+
+
+def _report_hang(hang: Hang, job: Job, roles: Roles, loop: Loop | None) -> JobHung:
+    """Write the stuck roles' Python stacks to the run directory and print them; checkpoint where the
+    learner still answers. Returns the error the job exits with."""
+    cfg = job.cfg
+    out = Path(cfg.train.output_dir) / f"hang-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stacks = "\n\n".join(f"=== {role} ===\n{actor_stack(role)}" for role in hang.roles)
+    out.write_text(f"{hang}\n\n{stacks}\n")
+    print(f"\nthe job is stuck: {hang}\n\n{stacks}", file=sys.stderr, flush=True)
+    saved = "no checkpoint: the learner is one of the stuck roles"
+    if "learner" not in hang.roles and loop is not None:
+        # A fresh deadline: the job's own watchdog still holds the stuck calls.
+        watchdog = Watchdog(cfg.train.hang_timeout_s)
+        try:
+            version = watchdog.get(roles.learner.get_version.remote(), "learner", "get_version")
+            path = checkpoint.save(roles.learner, loop.stream.ledger, version, cfg.train.output_dir,
+                                   cfg.train.keep_checkpoints, watchdog,
+                                   {"before": loop.before, "after": loop.after, "wandb_id": loop.logger.run_id})
+            saved = f"checkpoint of policy version {version} in {path} (train.resume=auto continues from it)"
+        except (Hang, RayActorError) as exc:
+            saved = f"no checkpoint: the learner did not answer ({type(exc).__name__})"
+    if loop is not None:
+        loop.logger.abandon()
+    return JobHung(f"the job is stuck: {hang}. Their Python stacks are in {out}; {saved}")
+
+
+def _finish(job: Job, loop: Loop, restarts: int) -> dict:
+    """The final model (`output_dir/checkpoint`), the summary, and the run's close."""
+    cfg, stream = job.cfg, loop.stream
+    final = stream.watchdog.get(loop.learner.save.remote(str(Path(cfg.train.output_dir) / "checkpoint")),
+                                "learner", "save")
+    seconds = max(loop.seconds, 1e-9)
+    summary = {
+        "steps": loop.step, "policy_version": stream.learner_version, "stopped_by": job.stop.requested or "",
+        "eval/gold_reward_before": loop.before["eval/gold_reward_mean"],
+        "eval/proxy_reward_before": loop.before["eval/proxy_reward_mean"],
+        **_after_training(loop.before, loop.after),
+        "samples_per_s": loop.samples / seconds, "tokens_per_s": loop.tokens / seconds,
+        "train_minutes": loop.seconds / 60, "peak_memory_gib": job.memory.peak_gib(),
+        "total_minutes": (time.perf_counter() - job.started) / 60,
+        **stream.stats(), **stream.reward.counters,
+        "worker_recovery_s": stream.pool.recoveries, "workers_joined": stream.pool.joined,
+        "learner_restarts": restarts, "checkpoint": final,
+    }
+    loop.logger.close(summary)
+    print_summary(summary)
+    return summary
+
+
+def _after_training(before: dict, after: dict) -> dict:
+    """The summary's held-out figures after training, and the policy version they were measured at. A run
+    stopped before its first evaluation after `before` has none: it says so rather than repeat `before`."""
+    if after["eval/policy_version"] == before["eval/policy_version"]:
+        return {"eval/after": "not measured: stopped before the first evaluation (train.eval_every)"}
+    return {"eval/gold_reward_after": after["eval/gold_reward_mean"],
+            "eval/gold_reward_gain": after["eval/gold_reward_mean"] - before["eval/gold_reward_mean"],
+            "eval/proxy_reward_after": after["eval/proxy_reward_mean"],
+            "eval/kl_after": after["eval/kl_mean"],
+            "eval/after_policy_version": after["eval/policy_version"]}
+
+
+def print_summary(summary: dict) -> None:
+    print("\n=== summary ===")
+    for key, value in summary.items():
+        print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")

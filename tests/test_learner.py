@@ -1,0 +1,93 @@
+"""The learner and the reference model in-process on the tiny model: the reference computes exactly as the
+learner does (KL 0 at the start), rollouts from another policy are weighted by the truncated importance
+ratio (decoupled PPO), and the score shaping options (missing-EOS penalty, running normalisation)."""
+
+import math
+import random
+
+import pytest
+
+from actors.reference import ReferenceModel
+from actors.rollout import Rollout
+from cluster.config import PPOConfig, ReferenceConfig
+from cluster.models import prepare_tiny
+from learner.learner import PPOLearner
+
+
+@pytest.fixture(scope="module")
+def tiny() -> str:
+    return str(prepare_tiny())
+
+
+def make_learner(tiny, **options) -> PPOLearner:
+    cfg = PPOConfig(autocast="none", threads=1, minibatch_size=8, **options)
+    return PPOLearner(tiny, cfg, inference_dtype="float32")
+
+
+def rollouts(learner, count=8, seed=0, finished=True) -> list[Rollout]:
+    """Random token rollouts whose behaviour log-probs are the learner's own (an on-policy sample)."""
+    rng = random.Random(seed)
+    vocab = learner.policy.config.vocab_size
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(4, 9))] for _ in range(count)]
+    responses = [[rng.randrange(3, vocab) for _ in range(rng.randint(2, 6))] for _ in range(count)]
+    own = learner.logprobs(prompts, responses)
+    return [Rollout(prompt_index=i, prompt_ids=p, response_ids=r, text="", logprobs=lp, version=0, worker="w",
+                    finished=finished, score=float(i % 4), ref_logprobs=list(lp))
+            for i, (p, r, lp) in enumerate(zip(prompts, responses, own))]
+
+
+def test_the_reference_computes_as_the_learner_does_so_the_kl_starts_at_zero(tiny):
+    learner = make_learner(tiny)
+    reference = ReferenceModel(tiny, ReferenceConfig(threads=1), dtype="float32", autocast="none", micro_batch=3)
+    batch = rollouts(learner)
+    refs = reference.ref_logprobs([r.prompt_ids for r in batch], [r.response_ids for r in batch])
+    gap = max(abs(a - b) for r, ref in zip(batch, refs) for a, b in zip(r.logprobs, ref))
+    assert gap < 1e-5  # other micro-batches, so other padding, but the same arithmetic
+    for r, ref in zip(batch, refs):
+        r.ref_logprobs = ref
+    metrics = learner.update(batch)
+    assert abs(metrics["kl/mean"]) < 1e-4
+    assert metrics["offpolicy/logprob_gap"] < 1e-5 and metrics["offpolicy/is_truncated_frac"] == 0.0
+    # scored at another temperature, the same tokens are less (or more) likely
+    hotter = reference.ref_logprobs([batch[0].prompt_ids], [batch[0].response_ids], temperature=2.0)[0]
+    assert max(abs(a - b) for a, b in zip(hotter, refs[0])) > 1e-3
+
+
+def test_rollouts_from_an_older_policy_are_weighted_and_truncated(tiny):
+    """The behaviour policy gave every sampled token a quarter of the learner's probability: w = 4 on every
+    token, truncated at is_cap = 2. With one minibatch and one epoch, the loss and the KL estimate are
+    measured at the learner's starting weights, so the decoupled ones are exactly twice the uncorrected ones."""
+    metrics = {}
+    for decoupled in (True, False):
+        learner = make_learner(tiny, decoupled=decoupled, is_cap=2.0)
+        batch = rollouts(learner)
+        for r in batch:
+            r.logprobs = [lp - math.log(4.0) for lp in r.logprobs]
+            r.ref_logprobs = [lp - 0.5 for lp in r.ref_logprobs]  # KL 0.5 nats per token to the reference
+        metrics[decoupled] = learner.update(batch)
+    on, off = metrics[True], metrics[False]
+    assert on["offpolicy/is_weight_mean"] == pytest.approx(4.0, rel=1e-4)
+    assert on["offpolicy/is_truncated_frac"] == 1.0 and off["offpolicy/is_truncated_frac"] == 1.0
+    assert on["offpolicy/logprob_gap"] == pytest.approx(math.log(4.0), rel=1e-4)
+    assert on["loss/policy"] == pytest.approx(2 * off["loss/policy"], rel=1e-4)
+    assert on["kl/mean"] == pytest.approx(2 * off["kl/mean"], rel=1e-4)
+    tokens = off["learner/tokens"] / 8
+    assert off["kl/mean"] == pytest.approx(0.5 * tokens, rel=1e-4)
+
+
+def test_missing_eos_penalty_and_running_reward_normalisation(tiny):
+    learner = make_learner(tiny, missing_eos_penalty=1.0)
+    batch = rollouts(learner)  # scores 0, 1, 2, 3, 0, 1, 2, 3: mean 1.5
+    for r in batch[:4]:
+        r.finished = False  # cut off at the length limit
+    metrics = learner.update(batch)
+    assert metrics["rollout/score_mean"] == pytest.approx(1.5) and metrics["rollout/finished_frac"] == 0.5
+    assert metrics["reward/optimised_mean"] == pytest.approx(1.0)  # four responses lose 1 each
+
+    learner = make_learner(tiny, reward_norm=True)
+    metrics = learner.update(rollouts(learner))
+    # the first batch's own moments: mean 1.5, std sqrt(1.25)
+    assert metrics["reward/running_mean"] == pytest.approx(1.5)
+    assert metrics["reward/running_std"] == pytest.approx(math.sqrt(1.25))
+    assert metrics["reward/optimised_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert learner.score_moments.count == 8
