@@ -26,7 +26,6 @@ import ray
 
 from actors.prompt_ledger import Draw, PromptLedger
 from actors.rollout import Rollout
-from actors.watchdog import Watchdog
 from actors.worker_pool import WorkerPool
 
 
@@ -68,10 +67,11 @@ class StageClock:
 
 class RolloutStream:
     def __init__(self, pool: WorkerPool, ledger: PromptLedger, reference, reward, *, samples_per_prompt: int,
-                 prompts_per_request: int, buffer_size: int, max_staleness: int, watchdog: Watchdog | None = None,
+                 prompts_per_request: int, buffer_size: int, max_staleness: int,
                  on_pump: Callable[[], None] | None = None):
         """`reference`: the reference model's actor handle; `reward`: a `reward_server.client.RewardClient`;
-        `buffer_size` in prompts; `on_pump()` runs on every pump (the job's control link)."""
+        `buffer_size` in prompts; `on_pump()` runs on every pump (the job's control link). Calls are timed
+        by the pool's watchdog."""
         self.pool = pool
         self.ledger = ledger
         self.reference = reference
@@ -80,7 +80,7 @@ class RolloutStream:
         self.prompts_per_request = prompts_per_request
         self.capacity = buffer_size * samples_per_prompt  # in rollouts
         self.max_staleness = max_staleness
-        self.watchdog = watchdog or pool.watchdog
+        self.watchdog = pool.watchdog
         self.on_pump = on_pump
         self.buffer: deque[Rollout] = deque()
         self.generating: dict[ray.ObjectRef, _Chunk] = {}  # generate call -> chunk

@@ -7,8 +7,8 @@ comes back, a replacement and a new worker all load the current weights before t
 so does a worker that Ray restarted while it was idle, which says so at its next call (`WeightsBehind`).
 
 Weights are published once into the object store and every worker loads that one object (`publish`).
-`sample` draws N responses per prompt outside the training stream (evaluation, preference pairs,
-West-of-N, Best-of-N), on whichever workers are free, re-sampling a shard whose worker dies.
+`sample(pool, ...)` draws N responses per prompt outside the training stream (evaluation, preference
+pairs, West-of-N, Best-of-N), on whichever workers are free, re-sampling a chunk whose worker dies.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class WorkerPool:
             rollouts = ray.get(ref)
         except RayActorError as exc:
             if self._is_current(i, actor):
-                self.failed(i, exc)
+                self._failed(i, exc)
             return None
         except WeightsBehind as exc:
             if self._is_current(i, actor):
@@ -115,7 +115,7 @@ class WorkerPool:
         return i in self.workers and self.workers[i] == actor
 
     # --- failures and recovery -----------------------------------------------------------------------
-    def failed(self, i: int, exc: Exception, during_sync: bool = False) -> None:
+    def _failed(self, i: int, exc: Exception, during_sync: bool = False) -> None:
         """A call to worker i failed because its process is gone: bring it back (Ray restarts the actor;
         one that is dead for good, or not back in RECOVER_TIMEOUT_S, is replaced)."""
         if i not in self.workers:
@@ -199,7 +199,7 @@ class WorkerPool:
         try:
             ray.get(ref)
         except RayActorError as exc:
-            self.failed(i, exc, during_sync=i in self.syncing)
+            self._failed(i, exc, during_sync=i in self.syncing)
             return
         self.versions[i] = max(self.versions[i], version)
         if i in self.syncing:
@@ -258,48 +258,6 @@ class WorkerPool:
                      "adding" if change > 0 else "removing")
             self.add() if change > 0 else self.remove()
 
-    # --- sampling outside the training stream --------------------------------------------------------
-    def sample(self, prompts: list[Prompt], samples_per_prompt: int, temperature: float | None = None,
-               chunk_size: int = 32, label: str = "sampling") -> list[list[Rollout]]:
-        """`samples_per_prompt` responses for each prompt, one list per prompt in the order given (a prompt
-        listed twice gets two lists). Chunks go to whichever worker is free, with a progress line."""
-        todo = deque(list(range(start, min(start + chunk_size, len(prompts))))
-                     for start in range(0, len(prompts), chunk_size))
-        groups: list[list[Rollout]] = [[] for _ in prompts]
-        running: dict[ray.ObjectRef, tuple[int, list[int]]] = {}  # call -> (worker, positions in `prompts`)
-        progress = Progress(label, len(prompts) * samples_per_prompt, "responses")
-        waiting_since = time.monotonic()
-        while todo or running:
-            busy = {i for i, _ in running.values()}
-            for i in self.idle(busy, self.weights_version):
-                if not todo:
-                    break
-                positions = todo.popleft()
-                # The position in `prompts` is the index the worker echoes back, so duplicates stay apart.
-                ref = self.generate(i, [(k, prompts[k].token_ids) for k in positions], samples_per_prompt,
-                                    temperature)
-                running[ref] = (i, positions)
-            self.poll()
-            self.watchdog.check(waiting_since)
-            refs = list(running) + self.waiting()
-            if not refs:  # every worker is on its way back; nothing to wait on yet
-                time.sleep(0.05)
-                continue
-            for ref in ray.wait(refs, num_returns=1, timeout=0.5)[0]:
-                if ref not in running:
-                    self.settle(ref)
-                    continue
-                _, positions = running.pop(ref)
-                rollouts = self.collect(ref)
-                if rollouts is None:
-                    todo.appendleft(positions)
-                    continue
-                for r in rollouts:
-                    groups[r.prompt_index].append(r)
-                    r.prompt_index = prompts[r.prompt_index].index
-                progress.advance(len(rollouts))
-        return groups
-
     # --- reporting -----------------------------------------------------------------------------------
     def status(self) -> dict:
         return {"workers": {i: ("syncing" if i in self.syncing else f"version {self.versions[i]}")
@@ -312,3 +270,47 @@ class WorkerPool:
     def shutdown(self) -> None:
         for worker in self.workers.values():
             ray.kill(worker, no_restart=True)
+
+
+def sample(pool: WorkerPool, prompts: list[Prompt], samples_per_prompt: int, temperature: float | None = None,
+           chunk_size: int = 32, label: str = "sampling") -> list[list[Rollout]]:
+    """`samples_per_prompt` responses for each prompt from the pool's workers, outside the training stream
+    (evaluation, preference pairs, West-of-N, Best-of-N): one list per prompt in the order given (a prompt
+    listed twice gets two lists). Chunks go to whichever worker is free, with a progress line; a chunk
+    whose worker dies is sampled again."""
+    todo = deque(list(range(start, min(start + chunk_size, len(prompts))))
+                 for start in range(0, len(prompts), chunk_size))
+    groups: list[list[Rollout]] = [[] for _ in prompts]
+    running: dict[ray.ObjectRef, tuple[int, list[int]]] = {}  # call -> (worker, positions in `prompts`)
+    progress = Progress(label, len(prompts) * samples_per_prompt, "responses")
+    waiting_since = time.monotonic()
+    while todo or running:
+        busy = {i for i, _ in running.values()}
+        for i in pool.idle(busy, pool.weights_version):
+            if not todo:
+                break
+            positions = todo.popleft()
+            # The position in `prompts` is the index the worker echoes back, so duplicates stay apart.
+            ref = pool.generate(i, [(k, prompts[k].token_ids) for k in positions], samples_per_prompt,
+                                temperature)
+            running[ref] = (i, positions)
+        pool.poll()
+        pool.watchdog.check(waiting_since)
+        refs = list(running) + pool.waiting()
+        if not refs:  # every worker is on its way back; nothing to wait on yet
+            time.sleep(0.05)
+            continue
+        for ref in ray.wait(refs, num_returns=1, timeout=0.5)[0]:
+            if ref not in running:
+                pool.settle(ref)
+                continue
+            _, positions = running.pop(ref)
+            rollouts = pool.collect(ref)
+            if rollouts is None:
+                todo.appendleft(positions)
+                continue
+            for r in rollouts:
+                groups[r.prompt_index].append(r)
+                r.prompt_index = prompts[r.prompt_index].index
+            progress.advance(len(rollouts))
+    return groups

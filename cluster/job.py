@@ -126,7 +126,7 @@ def _attempt(job: Job, resume: Path | None, attempt: int) -> dict:
                                RewardClient(cfg.reward, APP_NAME, roles.reward),
                                samples_per_prompt=gen.samples_per_prompt, prompts_per_request=gen.prompts_per_request,
                                buffer_size=cfg.train.buffer_size, max_staleness=cfg.train.max_staleness,
-                               watchdog=watchdog, on_pump=link.poll)
+                               on_pump=link.poll)
         loop = _start_loop(job, roles, stream, resume)
         run_steps(loop, loop.step + 1)
         return _finish(job, loop, attempt)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from actors.prompts import Prompt, load_prompts
 from actors.rollout import Rollout
-from actors.worker_pool import WorkerPool
+from actors.worker_pool import WorkerPool, sample
 from cluster.launch import launch_pool, start_ray
 from cluster.models import resolve_model
 from learner.metrics import Progress
@@ -110,7 +110,7 @@ def gold_pairs(pool: WorkerPool, prompts: list[Prompt], count: int, labeller, fl
         # Ties are dropped, so ask for a quarter more than still needed.
         want = max(8, int((count - len(pairs)) * 1.25))
         chosen = cycle(prompts, want, seed + round_)
-        groups = pool.sample(chosen, 2, label=label)
+        groups = sample(pool, chosen, 2, label=label)
         new, new_extra, ties = label_pairs(chosen, groups, labeller, min_margin)
         log.info("%s: %d pairs, %d ties dropped", label, len(new), ties)
         pairs, extra, round_ = pairs + new, extra + new_extra, round_ + 1
@@ -212,7 +212,7 @@ def west_of_n_command(cfg) -> list[dict]:
         out = Path(wn.output_dir) / f"round-{round_}"
         prompts = cycle(train_prompts, wn.num_prompts, cfg.preferences.seed + round_)
         with generation_workers(cfg, model_path) as pool:
-            groups = pool.sample(prompts, wn.n, label=f"West-of-{wn.n} samples")
+            groups = sample(pool, prompts, wn.n, label=f"West-of-{wn.n} samples")
         candidates = west_of_n_candidates(prompts, groups, score_groups(scorer, prompts, groups))
         synthetic, stats = select_pairs(candidates, wn.quantile, wn.min_logprob)
         write_preferences(out / "pairs.jsonl", synthetic)
@@ -234,7 +234,7 @@ def pick_best(scores: list[list[float]], n: int) -> list[int]:
 def best_of_n(pool: WorkerPool, reward: RewardClient, prompts: list[Prompt],
               n: int) -> tuple[list[list[Rollout]], list[list[float]]]:
     """`n` samples per prompt from the workers, each scored by the reward server."""
-    groups = pool.sample(prompts, n, label=f"Best-of-{n} samples")
+    groups = sample(pool, prompts, n, label=f"Best-of-{n} samples")
     return groups, score_groups(reward, prompts, groups)
 
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from actors.worker_pool import sample
 from cluster.reward_modeling import (cycle, generation_workers, gold_pairs, pick_best, policy_prompts, reward_server,
                                      score_groups, train_reward_model, west_of_n_candidates)
 from reward_server.preferences import write_preferences
@@ -43,8 +44,8 @@ def report(cfg, num_pairs: int, num_eval_pairs: int, out: str) -> dict:
                                  pc.seed, label="gold-labelled pairs")
         eval_pairs, _ = gold_pairs(pool, held_out, num_eval_pairs, gold, 0.0, pc.min_margin, pc.seed + 100,
                                    label="held-out pairs")
-        won_groups = pool.sample(won_prompts, wn.n, label=f"West-of-{wn.n} samples")
-        bon_groups = pool.sample(held_out, max(BEST_OF), label="Best-of-N samples")
+        won_groups = sample(pool, won_prompts, wn.n, label=f"West-of-{wn.n} samples")
+        bon_groups = sample(pool, held_out, max(BEST_OF), label="Best-of-N samples")
     base, extra_gold = labelled[:num_pairs], labelled[num_pairs:]
     write_preferences(out_dir / "base_pairs.jsonl", base)
     write_preferences(out_dir / "heldout_pairs.jsonl", eval_pairs)

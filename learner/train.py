@@ -19,6 +19,7 @@ from typing import Callable
 from actors.prompts import Prompt
 from actors.rollout import Rollout
 from actors.rollout_stream import RolloutStream
+from actors.worker_pool import sample
 from learner.metrics import RunLogger
 from reward_server.scorers import Scorer, score_checked
 
@@ -122,7 +123,7 @@ def evaluate(loop: Loop) -> dict:
     sum over response tokens of log pi - log pi_ref, both at the evaluation's sampling temperature (vLLM's
     log-probs are of the distribution it sampled from)."""
     train, stream, prompts = loop.cfg.train, loop.stream, loop.eval_prompts
-    groups = stream.pool.sample(prompts, train.eval_samples, train.eval_temperature, label="evaluation")
+    groups = sample(stream.pool, prompts, train.eval_samples, train.eval_temperature, label="evaluation")
     rollouts = [r for group in groups for r in group]
     prompt_texts = [p.text for p, group in zip(prompts, groups) for _ in group]
     responses = [r.text for r in rollouts]

@@ -25,15 +25,23 @@ def run(tmp_path, *overrides):
 
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_ppo_steps_advance_versions_within_the_staleness_bound(ray_session, tmp_path, staleness):
-    summary, steps = run(tmp_path, "train.steps=4", f"train.max_staleness={staleness}")
+    # evaluated at another temperature than sampled at: the reference is scored at the evaluation's
+    summary, steps = run(tmp_path, "train.steps=4", f"train.max_staleness={staleness}", "train.eval_temperature=0.7")
     assert summary["policy_version"] == 4
     updates = [s for s in steps if s["step"] > 0]
     assert [s["version/learner"] for s in updates] == [1, 2, 3, 4]
     assert all(s["version/lag_max"] <= staleness for s in updates)
     if staleness == 0:
         assert all(s["version/lag_mean"] == 0 for s in updates)
-    # every batch is full, scored and penalised: a real update ran on it
+    # every batch is full, scored and penalised: a real update ran on it, with the off-policy weights
     assert all(s["learner/tokens"] > 0 and s["loss/total"] == s["loss/total"] for s in updates)
+    assert all(0 < s["offpolicy/is_weight_mean"] < 10 and s["offpolicy/logprob_gap"] >= 0 for s in updates)
+    # the step's three blocks and the stream's stages, wall-clock
+    for s in updates:
+        assert s["timing/take"] + s["timing/update"] + s["timing/publish"] <= s["timing/step"] + 1e-6
+        assert s["timing/generate"] > 0 and s["timing/reference"] > 0 and s["timing/score"] > 0
+    # before training the policy is the reference: both float32 here, at the same temperature, so KL ~ 0
+    assert abs(steps[0]["eval/kl_mean"]) < 0.05
     assert "eval/gold_reward_mean" in steps[0] and "eval/gold_reward_mean" in updates[-1]
     # the proxy is the reward server's score of the same held-out samples: VADER here, so equal to gold
     assert steps[0]["eval/proxy_reward_mean"] == pytest.approx(steps[0]["eval/gold_reward_mean"])
