@@ -148,7 +148,12 @@ class WorkerPool:
             ref = worker.load_weights.remote(self.weights_version, self.weights_ref)
         else:  # nothing published yet: it holds the initial weights; only check that it is up
             ref = worker.stats.remote()
-        self.loads[self.watchdog.sent(ref, worker_name(i), "load_weights")] = (i, self.weights_version)
+        self._track_load(i, ref, self.weights_version)
+
+    def _track_load(self, i: int, ref: ray.ObjectRef, version: int) -> ray.ObjectRef:
+        """Worker i's weight load (or liveness check) of `version`, in flight: `settle` sees it through."""
+        self.loads[self.watchdog.sent(ref, worker_name(i), "load_weights")] = (i, version)
+        return ref
 
     def poll(self) -> None:
         """Ask restarting workers again whether they are up, where that is due."""
@@ -164,10 +169,14 @@ class WorkerPool:
             raise RuntimeError(f"generation worker {i} is dead and there is no way to start another")
         log.warning("generation worker %d is not coming back; starting a replacement", i)
         ray.kill(self.workers[i], no_restart=True)
-        self.watchdog.forget_role(worker_name(i))
-        self.loads = {ref: (w, v) for ref, (w, v) in self.loads.items() if w != i}
+        self._forget_calls(i)
         self.workers[i] = self.spawn(i)
         self.counters["workers_replaced"] += 1
+
+    def _forget_calls(self, i: int) -> None:
+        """Worker i was killed: its calls in flight will never be waited on."""
+        self.watchdog.forget_role(worker_name(i))
+        self.loads = {ref: (w, v) for ref, (w, v) in self.loads.items() if w != i}
 
     # --- weights -------------------------------------------------------------------------------------
     def publish(self, version: int, weights_ref: ray.ObjectRef) -> list[ray.ObjectRef]:
@@ -176,12 +185,9 @@ class WorkerPool:
         self.weights_ref, self.weights_version = weights_ref, version
         sent = []
         for i, worker in self.workers.items():
-            if i in self.syncing:
-                continue
-            ref = self.watchdog.sent(worker.load_weights.remote(version, weights_ref), worker_name(i), "load_weights")
-            self.loads[ref] = (i, version)
-            self.versions[i] = version
-            sent.append(ref)
+            if i not in self.syncing:
+                sent.append(self._track_load(i, worker.load_weights.remote(version, weights_ref), version))
+                self.versions[i] = version
         return sent
 
     def waiting(self) -> list[ray.ObjectRef]:
@@ -234,8 +240,7 @@ class WorkerPool:
             raise ValueError("cannot remove the last generation worker")
         i = max(self.workers) if i is None else i
         ray.kill(self.workers.pop(i))
-        self.watchdog.forget_role(worker_name(i))
-        self.loads = {ref: (w, v) for ref, (w, v) in self.loads.items() if w != i}
+        self._forget_calls(i)
         for state in (self.versions, self.syncing, self.down_since, self.retry_at):
             state.pop(i, None)
         self.counters["workers_removed"] += 1

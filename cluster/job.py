@@ -154,10 +154,11 @@ def _start_loop(job: Job, roles: Roles, stream: RolloutStream, resume: Path | No
     logger = RunLogger(cfg.train.output_dir, cfg.to_dict(), cfg.train.wandb_mode, cfg.train.wandb_project,
                        cfg.train.steps, resume_id=meta.get("wandb_id"), first_step=meta.get("step", 0) + 1)
 
-    def save_checkpoint(step: int) -> None:
+    def save_checkpoint(step: int, watchdog: Watchdog = stream.watchdog) -> Path:
         path = checkpoint.save(roles.learner, stream.ledger, step, cfg.train.output_dir, cfg.train.keep_checkpoints,
-                               stream.watchdog, {"before": loop.before, "after": loop.after, "wandb_id": logger.run_id})
+                               watchdog, {"before": loop.before, "after": loop.after, "wandb_id": logger.run_id})
         logger.checkpoint(path, step)
+        return path
 
     loop = Loop(cfg, stream, roles.learner, roles.reference, job.eval_prompts, make_scorer(cfg.train.gold_scorer),
                 logger, save_checkpoint, stop_requested=lambda: job.stop.requested is not None,
@@ -197,9 +198,7 @@ def _report_hang(hang: Hang, job: Job, roles: Roles, loop: Loop | None) -> JobHu
         watchdog = Watchdog(cfg.train.hang_timeout_s)
         try:
             version = watchdog.get(roles.learner.get_version.remote(), "learner", "get_version")
-            path = checkpoint.save(roles.learner, loop.stream.ledger, version, cfg.train.output_dir,
-                                   cfg.train.keep_checkpoints, watchdog,
-                                   {"before": loop.before, "after": loop.after, "wandb_id": loop.logger.run_id})
+            path = loop.save_checkpoint(version, watchdog)
             saved = f"checkpoint of policy version {version} in {path} (train.resume=auto continues from it)"
         except (Hang, RayActorError) as exc:
             saved = f"no checkpoint: the learner did not answer ({type(exc).__name__})"

@@ -14,6 +14,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from actors.prompts import Prompt
@@ -80,7 +81,7 @@ class Loop:
     eval_prompts: list[Prompt]
     gold: Scorer  # the held-out evaluation's judge
     logger: RunLogger
-    save_checkpoint: Callable[[int], None]  # writes a resumable checkpoint after the given step
+    save_checkpoint: Callable[..., Path]  # (step[, watchdog]) -> a resumable checkpoint written after the step
     stop_requested: Callable[[], bool]  # SIGTERM or Ctrl-C: stop after this step, with a checkpoint
     record: Callable[[dict], None]  # sets the job's Ray gauges from a step's metrics
     before: dict = field(default_factory=dict)  # held-out figures before training
