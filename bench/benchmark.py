@@ -2,8 +2,10 @@
 
 1. generated tokens/s of one generation worker (Ray actor, rollouts returned to the driver) vs the
    same vLLM engine called directly inside that actor;
-2. the time of a full weight sync: the learner publishes its weights once, every worker loads them;
-3. the per-stage time of a training step in synchronous (max_staleness=0) and overlapped
+2. the time of a full weight sync (the learner publishes its weights once, in buckets; every worker loads
+   them) and the extra memory it takes on the learner and on each worker, for several bucket sizes;
+3. the learner's memory per rank (weights, gradients, optimizer state) for learner groups of 1 and 2 ranks;
+4. the per-stage time of a training step in synchronous (max_staleness=0) and overlapped
    (max_staleness=1) mode, with the job's peak memory.
 
     .venv/bin/python bench/benchmark.py                      # SmolLM2-135M-Instruct, 64 prompts
@@ -13,9 +15,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import random
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,9 +30,9 @@ from actors.generation import GenerationWorker
 from actors.prompts import load_prompts
 from cluster.cli import DEFAULT_CONFIG
 from cluster.config import load_config
-from cluster.launch import start_ray
+from cluster.launch import launch_learners, start_ray
 from cluster.models import resolve_model
-from learner.learner import PPOLearner
+from actors.rollout import Rollout
 from cluster.job import train
 
 
@@ -66,26 +71,89 @@ def bench_generation(cfg, model_path, prompts, repeats: int) -> None:
     ray.kill(worker)
 
 
-def bench_weight_sync(cfg, model_path, workers: int, repeats: int) -> None:
+class PeakMemory:
+    """The highest resident memory of some processes above their level at the start, sampled every 5 ms."""
+
+    def __init__(self, pids: dict[str, int]):
+        import psutil
+
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.base = {name: p.memory_info().rss for name, p in self.procs.items()}
+        self.peak = dict(self.base)
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while self.running:
+            for name, p in self.procs.items():
+                self.peak[name] = max(self.peak[name], p.memory_info().rss)
+            time.sleep(0.005)
+
+    def stop(self) -> dict[str, float]:
+        """MiB above the start, per process."""
+        self.running = False
+        self.thread.join()
+        return {name: (self.peak[name] - self.base[name]) / 2**20 for name in self.procs}
+
+
+def bench_weight_sync(cfg, model_path, workers: int, repeats: int, bucket_sizes: list[float]) -> None:
+    """Full sync time and peak extra memory on the learner and each worker, for each bucket size (one
+    bucket of the whole model is the old single-object publication)."""
     actors = [ray.remote(GenerationWorker).options(num_cpus=cfg.generation.num_cpus).remote(
         f"sync-{i}", model_path, cfg.generation) for i in range(workers)]
-    learner = ray.remote(PPOLearner).options(num_cpus=cfg.ppo.num_cpus).remote(
-        model_path, cfg.ppo, inference_dtype=cfg.generation.dtype)
-    ray.get([a.stats.remote() for a in actors] + [learner.get_version.remote()])
-    publish, total = [], []
-    for version in range(1, repeats + 1):
-        start = time.perf_counter()
-        weights = learner.weights.remote()
-        ray.wait([weights], fetch_local=False)
-        published = time.perf_counter()
-        ray.get([a.load_weights.remote(version, weights) for a in actors])
-        publish.append(published - start)
-        total.append(time.perf_counter() - start)
-        del weights
-    print(f"weight sync to {workers} workers ({cfg.generation.dtype}), median of {repeats}: "
-          f"publish {statistics.median(publish):.2f} s, publish + all loaded {statistics.median(total):.2f} s")
-    for actor in actors + [learner]:
+    pids = {f"worker {i}": s["pid"] for i, s in enumerate(ray.get([a.stats.remote() for a in actors]))}
+    print(f"weight sync to {workers} workers ({cfg.generation.dtype}), median of {repeats} "
+          f"(extra memory: resident memory above the level before the sync, highest of the syncs):")
+    version = 0
+    for bucket_mb in bucket_sizes:
+        group = launch_learners(replace_section(cfg, "ppo", publish_bucket_mb=bucket_mb), model_path)
+        pids["learner"] = group.pids()[0]
+        publish, total, extra = [], [], {}
+        for _ in range(repeats):
+            version += 1
+            peak = PeakMemory(pids)
+            start = time.perf_counter()
+            weights = group.publish()
+            published = ray.get(weights)
+            publish.append(time.perf_counter() - start)
+            ray.get([a.load_weights.remote(version, weights) for a in actors])
+            total.append(time.perf_counter() - start)
+            extra = {k: max(v, extra.get(k, 0.0)) for k, v in peak.stop().items()}
+            del weights
+        label = "one bucket (whole model)" if len(published.buckets) == 1 else f"{bucket_mb:g} MiB buckets"
+        print(f"  {label:26s} ({len(published.buckets):3d} of {published.nbytes / 2**20:.0f} MiB): publish "
+              f"{statistics.median(publish):.2f} s, publish + all loaded {statistics.median(total):.2f} s; extra "
+              f"memory: learner {extra['learner']:.0f} MiB, workers "
+              + ", ".join(f"{extra[f'worker {i}']:.0f}" for i in range(workers)) + " MiB")
+        group.kill()
+    for actor in actors:
         ray.kill(actor)
+
+
+def bench_learner_memory(cfg, model_path, prompts, ranks: list[int]) -> None:
+    """Bytes of weights, gradients and AdamW moments per learner rank after one update, for each group size."""
+    from transformers import AutoConfig
+
+    rng = random.Random(0)
+    vocab = AutoConfig.from_pretrained(model_path).vocab_size
+    batch = [Rollout(prompt_index=p.index, prompt_ids=p.token_ids, response_ids=[rng.randrange(vocab) for _ in range(8)],
+                     text="", logprobs=[-1.0] * 8, version=0, worker="bench", finished=True, score=float(i % 2),
+                     ref_logprobs=[-1.0] * 8) for i, p in enumerate(prompts[:8])]
+    print(f"learner memory per rank after one update ({cfg.ppo.dtype} weights, AdamW):")
+    for n in ranks:
+        group = launch_learners(replace_section(cfg, "ppo", num_learners=n), model_path)
+        ray.get(group.update(batch))
+        memory = ray.get([rank.memory.remote() for rank in group.ranks])[0]
+        mib = {k: v / 2**20 for k, v in memory.items()}
+        print(f"  {n} rank{'s' if n > 1 else ' '}: weights {mib['weights']:.0f} MiB + gradients {mib['gradients']:.0f} "
+              f"MiB + optimizer {mib['optimizer']:.0f} MiB = {sum(mib.values()):.0f} MiB per rank")
+        group.kill()
+
+
+def replace_section(cfg, section: str, **fields):
+    """A copy of the run config with some fields of one section replaced."""
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **fields)})
 
 
 def bench_steps(cfg_path, overrides, steps: int) -> None:
@@ -113,7 +181,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="workers in the weight-sync figure")
     parser.add_argument("--steps", type=int, default=3, help="training steps per mode")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["generation", "sync", "steps"])
+    parser.add_argument("--buckets", type=float, nargs="*", default=[1e6, 32, 8],
+                        help="publication bucket sizes (MiB) in the weight-sync figure; 1e6 = the whole model")
+    parser.add_argument("--ranks", type=int, nargs="*", default=[1, 2], help="learner group sizes to measure")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["generation", "sync", "learners", "steps"])
     args = parser.parse_args()
     overrides = [f"train.prompts_per_step={args.prompts}"] + ([f"model.path={args.model}"] if args.model else [])
     cfg = load_config(args.config, overrides)
@@ -126,7 +197,9 @@ def main() -> None:
     if "generation" not in args.skip:
         bench_generation(cfg, model_path, train_prompts[:args.prompts], args.repeats)
     if "sync" not in args.skip:
-        bench_weight_sync(cfg, model_path, args.workers, args.repeats)
+        bench_weight_sync(cfg, model_path, args.workers, args.repeats, args.buckets)
+    if "learners" not in args.skip:
+        bench_learner_memory(cfg, model_path, train_prompts, args.ranks)
     if "steps" not in args.skip:
         bench_steps(args.config, overrides, args.steps)
 

@@ -1,7 +1,9 @@
 """Resumable checkpoints: `output_dir/checkpoints/step-NNNNNN/`.
 
     policy/          the policy as an HF model directory (transformers and vLLM load it) + value_head.pt
-    learner.pt       optimizer moments, KL controller, policy version, random state of the minibatch order
+    learner/         weights and optimizer moments, sharded (torch.distributed.checkpoint): any number of
+                     learner ranks can load them, whatever number wrote them
+    learner.pt       KL controller, running score moments, policy version, random state of the minibatch order
     stream.json      data position (actors/prompt_ledger.py): the shuffle's state, every prompt drawn but not trained on
     meta.json        step, policy version, W&B run id; written last, so a directory without it is incomplete
 
@@ -68,7 +70,7 @@ def save(learner, ledger, step: int, output_dir: str, keep: int, watchdog, extra
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    version = watchdog.get(learner.save_checkpoint.remote(str(partial)), "learner", "save_checkpoint")
+    version = watchdog.get(learner.save_checkpoint(str(partial)), "learner", "save_checkpoint")
     (partial / "stream.json").write_text(json.dumps(ledger.state_dict()))
     meta = {"step": step, "policy_version": version, "saved_at": time.time(), **(extra or {})}
     (partial / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -83,7 +85,7 @@ def save(learner, ledger, step: int, output_dir: str, keep: int, watchdog, extra
 def restore(path: Path, learner, stream) -> dict:
     """Load a checkpoint into the learner and the stream; returns its meta (the step to continue after)."""
     meta = read_meta(path)
-    version = stream.watchdog.get(learner.load_checkpoint.remote(str(path)), "learner", "load_checkpoint")
+    version = stream.watchdog.get(learner.load_checkpoint(str(path)), "learner", "load_checkpoint")
     stream.resume(json.loads((path / "stream.json").read_text()), version)
     log.info("resumed from %s: step %d, policy version %d", path, meta["step"], version)
     return meta

@@ -101,6 +101,18 @@ def prepare_model(args) -> None:
         print(resolve_model(EMBEDDED_PREFIX + name))
 
 
+def plan(args) -> None:
+    from cluster.models import resolve_model
+    from cluster.plan import report
+
+    cfg = load_config(args.config, args.overrides)
+    learners = args.learners or cfg.ppo.num_learners
+    if learners < 1:
+        raise ConfigError(f"--learners must be at least 1, got {learners}")
+    print(report(resolve_model(args.model) if args.model.startswith("embedded:") else args.model, cfg, learners,
+                 args.device_gib))
+
+
 def config(args) -> None:
     if args.config or args.overrides:
         import yaml
@@ -150,6 +162,13 @@ def parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare-model", help="convert the embedded model(s) into HF directories now")
     prep.add_argument("names", nargs="*", default=["smollm2-135m-instruct"])
     prep.set_defaults(func=prepare_model)
+    pl = sub.add_parser("plan", parents=[run], help="memory per role for a model and the run config, and the "
+                        "smallest learner group that fits a device (reads only the model's config.json)")
+    pl.add_argument("--model", required=True, help="HF model directory (only config.json is read), or embedded:<name>")
+    pl.add_argument("--learners", type=int, default=0, help="learner ranks (default: ppo.num_learners)")
+    pl.add_argument("--device-gib", type=float, nargs="*", default=[24, 80],
+                    help="device memory sizes to find the smallest learner group for (%(default)s)")
+    pl.set_defaults(func=plan)
     show = sub.add_parser("config", help="print every config field with its default and help, or a run's config")
     show.add_argument("--config", default=None)
     show.add_argument("overrides", nargs="*")

@@ -150,6 +150,15 @@ class PPOConfig:
     num_cpus: float = opt(1.0, "Ray CPUs reserved by the learner", ge=0.0)
     num_gpus: float = opt(0.0, "Ray GPUs reserved by the learner", ge=0.0)
     seed: int = opt(0, "seed of the value head and minibatch order")
+    num_learners: int = opt(1, "learner ranks (one per device): with more than one, the policy, its gradients and "
+                               "the optimizer state are sharded over them (FSDP2) and each trains on its share of "
+                               "every minibatch", ge=1)
+    placement: str = opt("pack", "how Ray places the learner ranks: `pack` them onto as few nodes as possible, or "
+                                 "`spread` them over nodes", choices=("pack", "spread"))
+    publish_bucket_mb: float = opt(32.0, "the learner publishes its weights to the workers in buckets of this many "
+                                         "MiB, each loaded as it arrives", gt=0.0)
+    collective_timeout_s: float = opt(600.0, "a learner rank waiting this long for the others in a collective "
+                                             "fails (a rank died or hangs)", gt=0.0)
 
 
 @dataclass
@@ -262,6 +271,7 @@ class RunConfig:
                 f"ppo.minibatch_size ({self.ppo.minibatch_size}) is larger than a batch "
                 f"(train.prompts_per_step * generation.samples_per_prompt = "
                 f"{self.train.prompts_per_step * self.generation.samples_per_prompt}); lower it")
+        self._check_learner_group()
         if self.train.buffer_size < self.generation.prompts_per_request:
             raise ConfigError(f"train.buffer_size ({self.train.buffer_size}) must hold at least one "
                               f"request (generation.prompts_per_request = {self.generation.prompts_per_request})")
@@ -279,6 +289,16 @@ class RunConfig:
                 f"{self.generation.max_new_tokens}) exceeds generation.max_model_len "
                 f"({self.generation.max_model_len}); raise max_model_len or lower the others")
         return self
+
+    def _check_learner_group(self) -> None:
+        """Every rank of a learner group must get rows of every minibatch (a rank with none would leave the
+        others waiting in the FSDP collectives)."""
+        ppo, batch = self.ppo, self.train.prompts_per_step * self.generation.samples_per_prompt
+        if ppo.num_learners > 1 and (ppo.minibatch_size % ppo.num_learners or batch % ppo.minibatch_size):
+            raise ConfigError(f"with ppo.num_learners = {ppo.num_learners}, ppo.minibatch_size ({ppo.minibatch_size}) "
+                              f"must be a multiple of it and the batch (train.prompts_per_step * "
+                              f"generation.samples_per_prompt = {batch}) a multiple of ppo.minibatch_size, so that "
+                              f"every rank gets a share of every minibatch")
 
     def _resolve_auto_dtypes(self) -> None:
         """`auto` becomes bfloat16 where the device computes it natively, else full precision."""

@@ -175,9 +175,9 @@ def _start_loop(job: Job, roles: Roles, stream: RolloutStream, resume: Path | No
     return loop
 
 
-def _alive(actor) -> bool:
+def _alive(learner) -> bool:
     try:
-        ray.get(actor.get_version.remote(), timeout=30)
+        ray.get(learner.get_version(), timeout=30)
         return True
     except (RayActorError, GetTimeoutError):
         return False
@@ -197,7 +197,7 @@ def _report_hang(hang: Hang, job: Job, roles: Roles, loop: Loop | None) -> JobHu
         # A fresh deadline: the job's own watchdog still holds the stuck calls.
         watchdog = Watchdog(cfg.train.hang_timeout_s)
         try:
-            version = watchdog.get(roles.learner.get_version.remote(), "learner", "get_version")
+            version = watchdog.get(roles.learner.get_version(), "learner", "get_version")
             path = loop.save_checkpoint(version, watchdog)
             saved = f"checkpoint of policy version {version} in {path} (train.resume=auto continues from it)"
         except (Hang, RayActorError) as exc:
@@ -210,7 +210,7 @@ def _report_hang(hang: Hang, job: Job, roles: Roles, loop: Loop | None) -> JobHu
 def _finish(job: Job, loop: Loop, restarts: int) -> dict:
     """The final model (`output_dir/checkpoint`), the summary, and the run's close."""
     cfg, stream = job.cfg, loop.stream
-    final = stream.watchdog.get(loop.learner.save.remote(str(Path(cfg.train.output_dir) / "checkpoint")),
+    final = stream.watchdog.get(loop.learner.save(str(Path(cfg.train.output_dir) / "checkpoint")),
                                 "learner", "save")
     seconds = max(loop.seconds, 1e-9)
     summary = {

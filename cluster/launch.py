@@ -14,6 +14,7 @@ from actors.reference import ReferenceModel
 from actors.watchdog import Watchdog
 from actors.worker_pool import WorkerPool, worker_name
 from learner.learner import PPOLearner
+from learner.learner_group import LearnerGroup
 from reward_server.server import start_reward_server
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def role_resources(cfg, role: str) -> dict:
 class Roles:
     pool: WorkerPool  # the generation workers
     reference: object  # reference model actor handle
-    learner: object  # PPO learner actor handle
+    learner: LearnerGroup  # the PPO learner's ranks
     reward: object  # reward server deployment handle
 
 
@@ -67,13 +68,67 @@ def launch_roles(cfg, model_path: str, watchdog: Watchdog) -> Roles:
         name="reference", num_cpus=ref.num_cpus, num_gpus=ref.num_gpus, resources=role_resources(cfg, "reference"),
         max_restarts=ref.max_restarts, max_task_retries=ref.max_restarts,
     ).remote(model_path, ref, dtype=ppo.dtype, autocast=ppo.autocast, temperature=gen.temperature)
-    learner = ray.remote(PPOLearner).options(
-        name="learner", num_cpus=ppo.num_cpus, num_gpus=ppo.num_gpus, resources=role_resources(cfg, "learner"),
-    ).remote(model_path, ppo, temperature=gen.temperature, inference_dtype=gen.dtype)
+    learner = launch_learners(cfg, model_path)
     reward = start_reward_server(cfg.reward, resources=role_resources(cfg, "reward"))
     # Surface a role that failed to start now, with its own error, rather than at the first call.
-    ray.get([learner.get_version.remote(), reference.ref_logprobs.remote([], [])])
+    ray.get([learner.get_version(), reference.ref_logprobs.remote([], [])])
     return Roles(pool=pool, reference=reference, learner=learner, reward=reward)
+
+
+# How long the learner ranks' placement group may take to be placed once the cluster has the resources.
+PLACEMENT_TIMEOUT_S = 120.0
+
+
+def launch_learners(cfg, model_path: str) -> LearnerGroup:
+    """`ppo.num_learners` learner ranks, named `learner` (rank 0) and `learner-<rank>`, in one placement group
+    (one bundle per rank, packed or spread as `ppo.placement` says), joined in one process group. A group
+    that the cluster cannot hold fails here, saying what is missing."""
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    ppo, gen = cfg.ppo, cfg.generation
+    bundle = {k: v for k, v in {"CPU": ppo.num_cpus, "GPU": ppo.num_gpus, **role_resources(cfg, "learner")}.items()
+              if v > 0} or {"CPU": 0.01}
+    _check_cluster_holds(bundle, ppo.num_learners)
+    group = placement_group([bundle] * ppo.num_learners, strategy=ppo.placement.upper())
+    try:
+        ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        ray.util.remove_placement_group(group)
+        raise RuntimeError(f"the {ppo.num_learners} learner ranks ({bundle} each, {ppo.placement}) were not placed "
+                           f"within {PLACEMENT_TIMEOUT_S:.0f} s: other roles hold the resources they need (free now: "
+                           f"{ray.available_resources()}); lower ppo.num_learners or ppo.num_cpus/num_gpus") from None
+    in_bundle = [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
+                 for i in range(ppo.num_learners)]
+    rendezvous = ray.get(_free_address.options(scheduling_strategy=in_bundle[0]).remote())
+    ranks = [ray.remote(PPOLearner).options(
+        name="learner" if i == 0 else f"learner-{i}", num_cpus=ppo.num_cpus, num_gpus=ppo.num_gpus,
+        resources=role_resources(cfg, "learner"), scheduling_strategy=in_bundle[i],
+    ).remote(model_path, ppo, temperature=gen.temperature, inference_dtype=gen.dtype, rank=i,
+             world_size=ppo.num_learners, rendezvous=rendezvous) for i in range(ppo.num_learners)]
+    return LearnerGroup(ranks, group)
+
+
+def _check_cluster_holds(bundle: dict, count: int) -> None:
+    """Refuse a learner group larger than the whole cluster (Ray would wait for it forever)."""
+    total = ray.cluster_resources()
+    short = {k: f"{count} x {v:g} = {count * v:g} needed, the cluster has {total.get(k, 0):g}"
+             for k, v in bundle.items() if count * v > total.get(k, 0) + 1e-9}
+    if short:
+        raise RuntimeError(f"ppo.num_learners = {count} learner ranks cannot be placed: "
+                           + "; ".join(f"{k}: {why}" for k, why in short.items())
+                           + ". Lower ppo.num_learners or ppo.num_cpus/num_gpus, or add nodes")
+
+
+@ray.remote(num_cpus=0)
+def _free_address() -> str:
+    """tcp://<this node's IP>:<a free port>: where learner rank 0, placed on this node, meets the others."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
 
 def launch_pool(cfg, model_path: str, watchdog: Watchdog | None = None) -> WorkerPool:
@@ -111,6 +166,6 @@ def shutdown_roles(roles: Roles) -> None:
     from ray import serve
 
     roles.pool.shutdown()
-    for actor in (roles.reference, roles.learner):
-        ray.kill(actor, no_restart=True)
+    ray.kill(roles.reference, no_restart=True)
+    roles.learner.kill()
     serve.shutdown()

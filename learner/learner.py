@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from actors.rollout import RolloutBatch, collate
-from learner import ppo_math
-from learner.forward import autocast, response_forward, token_logprobs, torch_dtype
+from actors.weights import BucketWriter, PublishedWeights
+from learner import distributed, ppo_math
+from learner.distributed import PolicyWithValue
+from learner.forward import autocast, token_logprobs, torch_dtype
 
 if TYPE_CHECKING:
     from cluster.config import PPOConfig
@@ -32,15 +34,21 @@ log = logging.getLogger(__name__)
 
 
 class PPOLearner:
-    def __init__(self, model_path: str, cfg: PPOConfig, *, temperature: float = 1.0, inference_dtype: str = "bfloat16"):
+    def __init__(self, model_path: str, cfg: PPOConfig, *, temperature: float = 1.0, inference_dtype: str = "bfloat16",
+                 rank: int = 0, world_size: int = 1, rendezvous: str | None = None):
         """`cfg` is the run's PPOConfig; `temperature` the rollouts' sampling temperature; `inference_dtype`
-        the generation workers' weight dtype, in which `weights()` publishes."""
+        the generation workers' weight dtype, in which `weights()` publishes. As rank `rank` of a learner
+        group of `world_size` (learner/learner_group.py), it joins the group's process group at `rendezvous`
+        and, with more than one rank, holds its shards of the model (learner/distributed.py)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.device = torch.device(cfg.device)
+        self.rank, self.world = rank, world_size
+        if rendezvous:
+            distributed.init_group(rendezvous, rank, world_size, self.device, cfg.collective_timeout_s)
         self.temperature = temperature
         self.inference_dtype = torch_dtype(inference_dtype)
         self.policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(cfg.dtype)).to(self.device)
@@ -50,6 +58,9 @@ class PPOLearner:
         self.value_head = torch.nn.Linear(hidden, 1).to(self.device, torch_dtype(cfg.dtype))
         torch.nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))  # as in lm-human-preferences
         torch.nn.init.zeros_(self.value_head.bias)
+        self.model = PolicyWithValue(self.policy, self.value_head)
+        if world_size > 1:
+            distributed.shard(self.model, self.device)
         self.optimizer = torch.optim.AdamW([
             {"params": self.policy.parameters(), "lr": cfg.lr},
             {"params": self.value_head.parameters(), "lr": cfg.value_lr},
@@ -63,23 +74,27 @@ class PPOLearner:
         """(logprobs (B, T), values (B, T), logits (B, T, V)) of a minibatch's response tokens; log-probs
         and logits in float32."""
         with autocast(self.device, self.cfg.autocast):
-            logits, hidden = response_forward(self.policy, mb.input_ids.to(self.device),
-                                              mb.attention_mask.to(self.device), mb.response_ids.shape[1],
-                                              self.temperature)
-            values = self.value_head(hidden).squeeze(-1).float()
+            logits, values = self.model(mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
+                                        mb.response_ids.shape[1], self.temperature)
         return ppo_math.logprobs_from_logits(logits, mb.response_ids.to(self.device)), values, logits
+
+    def _my_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a minibatch's rows (all of them for a single learner)."""
+        return rows[self.rank::self.world]
 
     @torch.no_grad()
     def _proximal(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and values of the batch at the learner's current weights, before the update: the
-        proximal policy that the PPO ratio is clipped against."""
-        logprobs, values = [], []
-        for start in range(0, len(batch.scores), self.cfg.minibatch_size):
-            rows = torch.arange(start, min(start + self.cfg.minibatch_size, len(batch.scores)))
+        proximal policy that the PPO ratio is clipped against. Each rank computes its rows of every
+        minibatch; the sum over ranks puts the whole batch on every rank."""
+        B, T = batch.response_ids.shape
+        both = torch.zeros(2, B, T)  # log-probs, values
+        for start in range(0, B, self.cfg.minibatch_size):
+            rows = self._my_rows(torch.arange(start, min(start + self.cfg.minibatch_size, B)))
             lp, v, _ = self._forward(batch.select(rows))
-            logprobs.append(lp.cpu())
-            values.append(v.cpu())
-        return torch.cat(logprobs), torch.cat(values)
+            both[0, rows], both[1, rows] = lp.cpu(), v.cpu()
+        both = distributed.sum_across_ranks(both.to(self.device)).cpu()
+        return both[0], both[1]
 
     def _scores(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
         """The sequence scores PPO optimises: the reward server's, less `ppo.missing_eos_penalty` for a
@@ -141,31 +156,57 @@ class PPOLearner:
         return metrics
 
     def _step(self, mb: RolloutBatch, prox_logprobs, old_values, advantages, returns, weights) -> dict[str, float]:
-        """One optimiser step on a minibatch."""
+        """One optimiser step on a minibatch. In a learner group each rank computes its share of the rows
+        and FSDP averages the gradients over the ranks."""
+        # The losses are means over the minibatch's tokens. A rank's mean over its own tokens, times its
+        # share of the tokens and times N (which FSDP's average divides out again), gives each rank's
+        # gradient its part of the one-learner gradient.
+        mine = self._my_rows(torch.arange(len(mb.scores)))
+        share = self.world * mb.response_mask[mine].sum() / mb.response_mask.sum().clamp(min=1.0)
+        mb = mb.select(mine)
+        prox_logprobs, old_values, advantages, returns, weights = (
+            t[mine].to(self.device) for t in (prox_logprobs, old_values, advantages, returns, weights))
         mask = mb.response_mask.to(self.device)
         logprobs, values, logits = self._forward(mb)
-        pg_loss, pg_stats = ppo_math.policy_loss(logprobs, prox_logprobs.to(self.device), advantages.to(self.device),
-                                                 mask, self.cfg.clip, weights.to(self.device))
-        vf_loss, vf_stats = ppo_math.value_loss(values, old_values.to(self.device), returns.to(self.device),
-                                                mask, self.cfg.value_clip)
+        pg_loss, pg_stats = ppo_math.policy_loss(logprobs, prox_logprobs, advantages, mask, self.cfg.clip, weights)
+        vf_loss, vf_stats = ppo_math.value_loss(values, old_values, returns, mask, self.cfg.value_clip)
         loss = pg_loss + self.cfg.vf_coef * vf_loss
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            list(self.policy.parameters()) + list(self.value_head.parameters()), self.cfg.max_grad_norm)
+        (loss * share.to(self.device)).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), self.cfg.max_grad_norm)
         self.optimizer.step()
         with torch.no_grad():
             entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits.detach()), mask)
-        return {
-            "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "loss/total": loss.item(),
-            "policy/entropy": entropy.item(), "policy/clip_frac": float(pg_stats["clip_frac"]),
-            "policy/approx_kl": float(pg_stats["approx_kl"]), "policy/ratio_mean": float(pg_stats["ratio_mean"]),
-            "value/clip_frac": float(vf_stats["clip_frac"]), "grad/norm": grad_norm.item(),
-        }
+            stats = {"loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss, "policy/entropy": entropy,
+                     "policy/clip_frac": pg_stats["clip_frac"], "policy/approx_kl": pg_stats["approx_kl"],
+                     "policy/ratio_mean": pg_stats["ratio_mean"], "value/clip_frac": vf_stats["clip_frac"]}
+            # token-weighted over the ranks: the minibatch's means, as one learner computes them
+            values = torch.stack([v.detach().float() for v in stats.values()]) * share.to(self.device) / self.world
+            values = distributed.sum_across_ranks(values).tolist()
+        return {**dict(zip(stats, values)), "grad/norm": distributed.local(grad_norm).item()}
+
+    @torch.no_grad()
+    def publish(self) -> PublishedWeights | None:
+        """The policy's weights in the workers' dtype, in buckets in the object store (actors/weights.py), one
+        tensor gathered at a time: on rank 0, None on the others (every rank of a group must call it)."""
+        writer = BucketWriter(int(self.cfg.publish_bucket_mb * 2**20)) if self.rank == 0 else None
+        # A tied LM head under its own name too: vLLM-CPU keeps its own copy of it.
+        for name, param in self.policy.named_parameters(remove_duplicate=False):
+            full = distributed.local(param.detach())  # a collective when the parameter is sharded
+            if writer is not None:
+                writer.add(name, full.to("cpu", self.inference_dtype))
+        return writer.finish() if writer is not None else None
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Policy weights with HF names in the generation workers' dtype: what one broadcast publishes."""
-        return {k: v.detach().to("cpu", self.inference_dtype) for k, v in self.policy.state_dict().items()}
+        """Policy weights with HF names in the generation workers' dtype, as one state dict (on rank 0; every
+        rank of a group must call it): for tests that compare learners."""
+        return {k: v.to(self.inference_dtype) for k, v in self._policy_state().items()}
+
+    def _policy_state(self) -> dict[str, torch.Tensor]:
+        """The whole policy's weights with HF names, on the CPU, on rank 0 (empty on the others)."""
+        prefix = "policy."
+        return {k[len(prefix):]: v.detach().cpu() for k, v in distributed.full_state_dict(self.model).items()
+                if k.startswith(prefix)}
 
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Per-token log-probs of given responses (temperature 1) under the learner's weights (for tests that
@@ -186,49 +227,60 @@ class PPOLearner:
         return out
 
     def save(self, path: str) -> str:
-        """An HF model directory (loadable by transformers and vLLM) plus the value head."""
+        """An HF model directory (loadable by transformers and vLLM) plus the value head, written by rank 0
+        (every rank of a group must call it)."""
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        self.policy.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
-        torch.save({"value_head": self.value_head.state_dict(), "version": self.version,
-                    "kl_ctl": self.kl_ctl.state_dict()}, out / "value_head.pt")
+        state = distributed.full_state_dict(self.model)
+        if self.rank == 0:
+            prefix = "value_head."
+            out.mkdir(parents=True, exist_ok=True)
+            self.policy.save_pretrained(out, state_dict={k[len("policy."):]: v for k, v in state.items()
+                                                         if k.startswith("policy.")})
+            self.tokenizer.save_pretrained(out)
+            torch.save({"value_head": {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                        "version": self.version, "kl_ctl": self.kl_ctl.state_dict()}, out / "value_head.pt")
         return str(out)
 
     def save_checkpoint(self, path: str) -> int:
-        """Everything `load_checkpoint` needs to continue exactly: the policy (an HF directory under
-        `policy/`, with the value head), the optimizer's moments, the KL controller, the running score
-        moments, the version and the random state of the minibatch order. Returns the policy version."""
+        """Everything `load_checkpoint` needs to continue exactly, as any number of ranks can load it:
+        `policy/`, the HF export (`save`); `learner/`, the weights and the optimizer's moments sharded
+        (torch.distributed.checkpoint); `learner.pt`, the KL controller, the running score moments, the
+        version and the random state of the minibatch order. Returns the policy version."""
         out = Path(path)
         self.save(str(out / "policy"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
-                    "score_moments": self.score_moments.state_dict(),
-                    "version": self.version, "generator": self.generator.get_state(),
-                    "torch_rng": torch.get_rng_state()}, out / "learner.pt")
+        distributed.save_sharded(out / "learner", self.model, self.optimizer)
+        if self.rank == 0:
+            torch.save({"kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
+                        "version": self.version, "generator": self.generator.get_state(),
+                        "torch_rng": torch.get_rng_state()}, out / "learner.pt")
         return self.version
 
     def load_checkpoint(self, path: str) -> int:
-        """Continue from `save_checkpoint(path)`: its weights replace the ones the learner started from.
-        Returns the policy version."""
-        from safetensors.torch import load_file
-
+        """Continue from `save_checkpoint(path)`, written by this or another number of ranks: its weights
+        replace the ones the learner started from. Returns the policy version."""
         out = Path(path)
-        weights = load_file(str(out / "policy" / "model.safetensors"))
-        missing, unexpected = self.policy.load_state_dict(weights, strict=False)
-        if unexpected or [k for k in missing if k != "lm_head.weight"]:
-            raise RuntimeError(f"checkpoint {out} does not fit the policy: missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}")
-        head = torch.load(out / "policy" / "value_head.pt", map_location=self.device)
-        self.value_head.load_state_dict(head["value_head"])
-        # On the CPU: the random states must stay CPU byte tensors; the optimizer moves its moments itself.
+        if not (out / "learner").is_dir():
+            raise ValueError(f"{out} has no sharded learner state (learner/): it was written by an older version "
+                             f"of this project; start afresh or resume from a newer checkpoint")
+        distributed.load_sharded(out / "learner", self.model, self.optimizer)
+        # On the CPU: the random states must stay CPU byte tensors.
         state = torch.load(out / "learner.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.score_moments.load_state_dict(state.get("score_moments", {"count": 0, "mean": 0.0, "m2": 0.0}))
+        self.score_moments.load_state_dict(state["score_moments"])
         self.version = state["version"]
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         return self.version
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this rank holds of the weights, the gradients and the optimizer state (its shards)."""
+        def nbytes(tensors) -> int:
+            return sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes for t in tensors)
+
+        params = list(self.model.parameters())
+        return {"weights": nbytes(params), "gradients": nbytes(p.grad for p in params if p.grad is not None),
+                "optimizer": nbytes(v for state in self.optimizer.state.values() for v in state.values()
+                                    if torch.is_tensor(v) and v.dim() > 0)}
 
     def get_version(self) -> int:
         return self.version

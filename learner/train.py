@@ -50,7 +50,7 @@ def ppo_step(stream: RolloutStream, learner, batch_size: int, overlap: bool) -> 
     with timer("take"):  # generate -> score + reference log-probs, chunk by chunk, in the stream
         rollouts = stream.take(batch_size)
     with timer("update"), stream.training():
-        metrics = stream.wait(learner.update.remote(rollouts), "learner", "update")
+        metrics = stream.wait(learner.update(rollouts), "learner", "update")
     with timer("publish"):
         publish_weights(stream, learner, block=not overlap)
 
@@ -63,10 +63,10 @@ def ppo_step(stream: RolloutStream, learner, batch_size: int, overlap: bool) -> 
 
 
 def publish_weights(stream: RolloutStream, learner, block: bool) -> None:
-    """The learner's weights, published once into the object store, loaded by every worker."""
-    weights = learner.weights.remote()
+    """The learner's weights, published once into the object store in buckets, loaded by every worker."""
+    weights = learner.publish()
     # The learner answering its next call means the weights are there: no worker is sent a lost object.
-    stream.wait(learner.get_version.remote(), "learner", "weights")
+    stream.wait(learner.get_version(), "learner", "weights")
     stream.publish(weights, block)
 
 
@@ -76,7 +76,7 @@ class Loop:
 
     cfg: object  # the RunConfig
     stream: RolloutStream
-    learner: object  # the learner's actor handle
+    learner: object  # the learner group (learner/learner_group.py)
     reference: object  # the reference model's actor handle
     eval_prompts: list[Prompt]
     gold: Scorer  # the held-out evaluation's judge

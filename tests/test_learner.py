@@ -91,3 +91,18 @@ def test_missing_eos_penalty_and_running_reward_normalisation(tiny):
     assert metrics["reward/running_std"] == pytest.approx(math.sqrt(1.25))
     assert metrics["reward/optimised_mean"] == pytest.approx(0.0, abs=1e-6)
     assert learner.score_moments.count == 8
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_name(tiny, tmp_path):
+    import json
+    import shutil
+
+    smaller = tmp_path / "one-layer"
+    shutil.copytree(tiny, smaller)
+    config = json.loads((smaller / "config.json").read_text())
+    (smaller / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    make_learner(str(smaller)).save_checkpoint(str(tmp_path / "ckpt"))
+    learner = make_learner(tiny)
+    with pytest.raises(ValueError, match=r"of another model: missing \['policy\.model\.layers\.1\."):
+        learner.load_checkpoint(str(tmp_path / "ckpt"))
+    assert learner.version == 0

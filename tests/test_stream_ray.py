@@ -43,7 +43,7 @@ class StandInWorker:
                         logprobs=[-1.0, -1.0], version=self.version, worker=self.name, finished=True)
                 for i, ids in prompts for _ in range(n)]
 
-    def load_weights(self, version, state_dict):
+    def load_weights(self, version, weights):
         self.version = version
         return version
 

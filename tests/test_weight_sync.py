@@ -1,11 +1,12 @@
-"""Weight broadcast: after the learner publishes new weights once, every generation worker (real vLLM,
-in Ray actors) gives the learner's own per-token log-probs and greedy outputs, and both changed."""
+"""Weight broadcast: after the learner publishes new weights once (in buckets), every generation worker
+(real vLLM, in Ray actors) gives the learner's own per-token log-probs and greedy outputs, and both changed."""
 
 import pytest
 import ray
 
 from actors.generation import GenerationWorker, WeightSyncError
 from actors.prompts import load_prompts
+from actors.weights import publish_state_dict
 from cluster.config import build_config
 from cluster.models import prepare_tiny
 from learner.learner import PPOLearner
@@ -27,7 +28,8 @@ def setup(ray_session):
     # A large learning rate so that one update visibly moves this tiny random model.
     cfg = build_config({"generation": {"dtype": "float32", "kv_cache_gib": 0.25, "max_model_len": 256,
                                        "threads": 1, "max_new_tokens": 16},
-                        "ppo": {"lr": 3e-3, "autocast": "none", "minibatch_size": 8, "threads": 1},
+                        "ppo": {"lr": 3e-3, "autocast": "none", "minibatch_size": 8, "threads": 1,
+                                "publish_bucket_mb": 0.5},  # several buckets, the embedding one of its own
                         "data": {"eval_size": 8}})
     workers = [ray.remote(GenerationWorker).options(num_cpus=1).remote(f"w{i}", path, cfg.generation, seed=i)
                for i in range(2)]
@@ -71,7 +73,7 @@ def test_broadcast_makes_workers_match_the_learner(setup):
     _, moved_learner = logprobs_everywhere(workers, learner, prompt_ids, response_ids)
     assert max_gap(moved_learner, before_learner) > 20 * LOGPROB_TOL
 
-    weights = learner.weights.remote()  # published once, loaded by every worker
+    weights = learner.publish.remote()  # published once, in buckets, loaded by every worker
     assert ray.get([w.load_weights.remote(1, weights) for w in workers]) == [1, 1]
 
     after_workers, after_learner = logprobs_everywhere(workers, learner, prompt_ids, response_ids)
@@ -93,7 +95,7 @@ def test_mismatched_weights_are_refused_and_the_engine_keeps_working(setup):
     bad = dict(weights)
     bad[name] = weights[name][:, :-1]
     with pytest.raises(WeightSyncError, match=f"wrong shapes.*{name}"):
-        ray.get(workers[0].load_weights.remote(99, bad))
+        ray.get(workers[0].load_weights.remote(99, publish_state_dict(bad, 2**20)))
     out = ray.get(workers[0].generate.remote([(0, prompts[0].token_ids)], 1))
     assert out[0].version != 99 and out[0].response_ids
 

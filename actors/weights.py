@@ -1,0 +1,69 @@
+"""One published policy version: the contract between the learner and the generation workers.
+
+The learner publishes its weights in buckets of about `ppo.publish_bucket_mb`, gathering (with several
+ranks) one tensor at a time and putting each bucket into the object store as soon as it is full, so the
+learner's process never holds more than one bucket beyond its own weights. A worker loads the buckets in
+one `reload_weights` call as they arrive, holding one at a time. Every worker, a late joiner included,
+loads the same objects: the version stays in the object store until the next one replaces it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import ray
+import torch
+
+
+@dataclass
+class PublishedWeights:
+    """One policy version in the object store, in buckets of HF-named tensors."""
+
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every tensor's name and shape, in order
+    buckets: list[ray.ObjectRef] = field(default_factory=list)  # each a dict name -> tensor
+    nbytes: int = 0  # all tensors' bytes
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) bucket by bucket, fetching each bucket when the previous one has been consumed."""
+        for ref in self.buckets:
+            bucket = ray.get(ref)
+            yield from bucket.items()
+            del bucket
+
+
+class BucketWriter:
+    """Collects tensors into buckets of at most `bucket_bytes` (a larger tensor is a bucket of its own) and
+    puts each full bucket into the object store."""
+
+    def __init__(self, bucket_bytes: int):
+        self.bucket_bytes = bucket_bytes
+        self.published = PublishedWeights()
+        self.bucket: dict[str, torch.Tensor] = {}
+        self.bucket_size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.bucket and self.bucket_size + size > self.bucket_bytes:
+            self._put()
+        self.bucket[name] = tensor
+        self.bucket_size += size
+        self.published.shapes[name] = tuple(tensor.shape)
+        self.published.nbytes += size
+
+    def _put(self) -> None:
+        self.published.buckets.append(ray.put(self.bucket))
+        self.bucket, self.bucket_size = {}, 0
+
+    def finish(self) -> PublishedWeights:
+        if self.bucket:
+            self._put()
+        return self.published
+
+
+def publish_state_dict(state_dict: dict[str, torch.Tensor], bucket_bytes: int) -> PublishedWeights:
+    """A state dict already in memory, published in buckets (for tests and tools)."""
+    writer = BucketWriter(bucket_bytes)
+    for name, tensor in state_dict.items():
+        writer.add(name, tensor)
+    return writer.finish()
