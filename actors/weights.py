@@ -9,6 +9,7 @@ loads the same objects: the version stays in the object store until the next one
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -21,14 +22,19 @@ class PublishedWeights:
     """One policy version in the object store, in buckets of HF-named tensors."""
 
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every tensor's name and shape, in order
-    buckets: list[ray.ObjectRef] = field(default_factory=list)  # each a dict name -> tensor
+    buckets: list[ray.ObjectRef] = field(default_factory=list)  # each a dict name -> (NumPy array, dtype name)
     nbytes: int = 0  # all tensors' bytes
+    adapter_config: dict | None = None  # LoRA: the tensors are an adapter with this peft config, not the weights
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) bucket by bucket, fetching each bucket when the previous one has been consumed."""
+        """(name, tensor) bucket by bucket, fetching each bucket when the previous one has been consumed.
+        The tensors are read-only views of the object store's shared memory: nothing is copied here."""
         for ref in self.buckets:
             bucket = ray.get(ref)
-            yield from bucket.items()
+            with warnings.catch_warnings():  # read-only views: whoever loads them copies them
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                for name, (array, dtype) in bucket.items():
+                    yield name, torch.from_numpy(array).view(getattr(torch, dtype))
             del bucket
 
 
@@ -36,17 +42,21 @@ class BucketWriter:
     """Collects tensors into buckets of at most `bucket_bytes` (a larger tensor is a bucket of its own) and
     puts each full bucket into the object store."""
 
-    def __init__(self, bucket_bytes: int):
+    def __init__(self, bucket_bytes: int, adapter_config: dict | None = None):
         self.bucket_bytes = bucket_bytes
-        self.published = PublishedWeights()
-        self.bucket: dict[str, torch.Tensor] = {}
+        self.published = PublishedWeights(adapter_config=adapter_config)
+        self.bucket: dict[str, tuple] = {}  # name -> (NumPy array, torch dtype name)
         self.bucket_size = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
         if self.bucket and self.bucket_size + size > self.bucket_bytes:
             self._put()
-        self.bucket[name] = tensor
+        # As a NumPy view of the same bytes (bf16 as int16), which Ray writes straight into the object store
+        # and a reader maps without a copy; a torch tensor would be pickled through a copy on both sides.
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        flat = tensor.contiguous()
+        self.bucket[name] = ((flat.view(torch.int16) if tensor.element_size() == 2 else flat).numpy(), dtype)
         self.bucket_size += size
         self.published.shapes[name] = tuple(tensor.shape)
         self.published.nbytes += size

@@ -71,14 +71,21 @@ def bench_generation(cfg, model_path, prompts, repeats: int) -> None:
     ray.kill(worker)
 
 
+def private_memory(pid: int) -> int:
+    """Bytes of a process's own (anonymous) resident memory: its heap and tensors, not the object store's
+    shared pages that it maps to write or read an object."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no RssAnon in /proc/{pid}/status")
+
+
 class PeakMemory:
-    """The highest resident memory of some processes above their level at the start, sampled every 5 ms."""
+    """The highest private memory of some processes above their level at the start, sampled every 5 ms."""
 
     def __init__(self, pids: dict[str, int]):
-        import psutil
-
-        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
-        self.base = {name: p.memory_info().rss for name, p in self.procs.items()}
+        self.procs = pids
+        self.base = {name: private_memory(pid) for name, pid in pids.items()}
         self.peak = dict(self.base)
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -86,8 +93,8 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while self.running:
-            for name, p in self.procs.items():
-                self.peak[name] = max(self.peak[name], p.memory_info().rss)
+            for name, pid in self.procs.items():
+                self.peak[name] = max(self.peak[name], private_memory(pid))
             time.sleep(0.005)
 
     def stop(self) -> dict[str, float]:
@@ -104,7 +111,8 @@ def bench_weight_sync(cfg, model_path, workers: int, repeats: int, bucket_sizes:
         f"sync-{i}", model_path, cfg.generation) for i in range(workers)]
     pids = {f"worker {i}": s["pid"] for i, s in enumerate(ray.get([a.stats.remote() for a in actors]))}
     print(f"weight sync to {workers} workers ({cfg.generation.dtype}), median of {repeats} "
-          f"(extra memory: resident memory above the level before the sync, highest of the syncs):")
+          f"(extra memory: a process's private memory above its level before the sync, highest of the syncs; "
+          f"the published version itself lives in the object store's shared memory until the next one):")
     version = 0
     for bucket_mb in bucket_sizes:
         group = launch_learners(replace_section(cfg, "ppo", publish_bucket_mb=bucket_mb), model_path)

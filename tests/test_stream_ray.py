@@ -9,12 +9,14 @@ import time
 
 import pytest
 import ray
+import torch
 
 from actors.generation import WeightsBehind
 from actors.prompt_ledger import PromptLedger
 from actors.prompts import Prompt
 from actors.rollout import Rollout
 from actors.rollout_stream import RolloutStream
+from actors.weights import publish_state_dict
 from actors.worker_pool import WorkerPool
 
 pytestmark = pytest.mark.ray
@@ -23,12 +25,15 @@ PROMPTS = [Prompt(index=i, text=f"prompt {i}", token_ids=[1, i + 2]) for i in ra
 
 
 class StandInWorker:
-    """Answers generate calls like a generation worker; `die_on_call` makes its k-th generate call kill
-    its own process (once per actor, not again after Ray restarts it)."""
+    """Answers generate calls like a generation worker and loads published weights bucket by bucket;
+    `die_on_call` makes its k-th generate call, `die_on_load` its k-th weight load (after the first bucket),
+    kill its own process (once per actor, not again after Ray restarts it)."""
 
-    def __init__(self, name: str, marker: str = "", die_on_call: int = 0, delay_s: float = 0.0):
-        self.name, self.version, self.calls, self.delay_s = name, 0, 0, delay_s
-        self.die_on_call = die_on_call if marker and not os.path.exists(marker) else 0
+    def __init__(self, name: str, marker: str = "", die_on_call: int = 0, delay_s: float = 0.0,
+                 die_on_load: int = 0):
+        self.name, self.version, self.calls, self.loads, self.delay_s = name, 0, 0, 0, delay_s
+        alive = marker and not os.path.exists(marker)
+        self.die_on_call, self.die_on_load = (die_on_call, die_on_load) if alive else (0, 0)
         self.marker = marker
 
     def generate(self, prompts, n=1, temperature=None, max_tokens=None, expect_version=None):
@@ -44,6 +49,12 @@ class StandInWorker:
                 for i, ids in prompts for _ in range(n)]
 
     def load_weights(self, version, weights):
+        self.loads += 1
+        for i, (name, tensor) in enumerate(weights.tensors()):
+            if self.loads == self.die_on_load and i == 1:
+                open(self.marker, "w").close()
+                os._exit(1)
+            assert tensor.eq(version).all(), f"{self.name} got {name} of another version"
         self.version = version
         return version
 
@@ -93,7 +104,9 @@ def step(stream, batch_prompts=8):
     batch = stream.take(batch_prompts * stream.samples_per_prompt)
     with stream.training():
         pass
-    stream.publish(ray.put({"w": stream.learner_version}), block=True)
+    version = stream.learner_version
+    weights = publish_state_dict({f"layer{i}": torch.full((4,), float(version)) for i in range(3)}, bucket_bytes=16)
+    stream.publish(ray.put(weights), block=True)  # three buckets
     return batch
 
 
@@ -131,6 +144,21 @@ def test_a_worker_that_dies_is_restarted_with_current_weights_and_loses_no_promp
     # the restarted processes hold the newest weights, and their rollouts were trained on
     assert {ray.get(w.stats.remote())["version"] for w in stream.pool.workers.values()} == {6}
     assert {r.worker for r in batches[-1]} <= {"w0", "w1"}
+
+
+def test_a_worker_that_dies_mid_sync_is_brought_back_and_the_others_get_the_version(ray_session, tmp_path):
+    """Worker 0 dies in its second weight load, between two buckets: Ray restarts it and it loads the
+    version again from the start; worker 1 loads every version; no step waits on the dead load."""
+    ws = [ray.remote(StandInWorker).options(max_restarts=1, max_task_retries=0).remote(
+              "w0", marker=str(tmp_path / "died"), die_on_load=2),
+          ray.remote(StandInWorker).options(max_task_retries=0).remote("w1")]
+    stream = make_stream(ws)
+    batches = [step(stream) for _ in range(4)]
+    pump_until_synced(stream)
+    assert (tmp_path / "died").exists()
+    assert counters(stream)["worker_failures"] == 1 and len(stream.pool.recoveries) == 1
+    assert_exactly_once(stream, batches)
+    assert [ray.get(w.stats.remote())["version"] for w in stream.pool.workers.values()] == [4, 4]
 
 
 def test_a_worker_that_cannot_restart_is_replaced(ray_session, tmp_path):
@@ -212,7 +240,7 @@ def test_the_data_position_survives_a_checkpoint(ray_session, staleness):
     resumed.resume(state, version=2)
     assert [d.number for d in resumed.ledger.requeue] == [d for d, _ in state["pending"]]
     assert (staleness == 0) == (not state["pending"])  # running ahead leaves work in flight at a checkpoint
-    resumed.publish(ray.put({}), block=True)
+    resumed.publish(ray.put(publish_state_dict({}, 16)), block=True)
     got = [sorted((r.draw, r.prompt_index) for r in step(resumed)) for _ in range(2)]
     if staleness == 0:
         assert got == expected
