@@ -105,12 +105,12 @@ def plan(args) -> None:
     from cluster.models import resolve_model
     from cluster.plan import report
 
-    cfg = load_config(args.config, args.overrides)
-    learners = args.learners or cfg.ppo.num_learners
-    if learners < 1:
-        raise ConfigError(f"--learners must be at least 1, got {learners}")
-    print(report(resolve_model(args.model) if args.model.startswith("embedded:") else args.model, cfg, learners,
-                 args.device_gib))
+    # as overrides, so that the run config's own checks apply (LoRA on one rank, minibatch per rank)
+    flags = ([f"ppo.lora_rank={args.lora_rank}"] if args.lora_rank is not None else []) + \
+            ([f"ppo.num_learners={args.learners}"] if args.learners is not None else [])
+    cfg = load_config(args.config, [*args.overrides, *flags])
+    print(report(resolve_model(args.model) if args.model.startswith("embedded:") else args.model, cfg,
+                 cfg.ppo.num_learners, args.device_gib))
 
 
 def config(args) -> None:
@@ -165,7 +165,8 @@ def parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", parents=[run], help="memory per role for a model and the run config, and the "
                         "smallest learner group that fits a device (reads only the model's config.json)")
     pl.add_argument("--model", required=True, help="HF model directory (only config.json is read), or embedded:<name>")
-    pl.add_argument("--learners", type=int, default=0, help="learner ranks (default: ppo.num_learners)")
+    pl.add_argument("--learners", type=int, default=None, help="learner ranks (default: ppo.num_learners)")
+    pl.add_argument("--lora-rank", type=int, default=None, help="LoRA adapters of this rank (default: ppo.lora_rank)")
     pl.add_argument("--device-gib", type=float, nargs="*", default=[24, 80],
                     help="device memory sizes to find the smallest learner group for (%(default)s)")
     pl.set_defaults(func=plan)

@@ -39,6 +39,12 @@ class ModelShape:
     intermediate: int
     vocab: int
     root_parameters: int  # outside the decoder layers: embeddings, final norm, an untied LM head
+    linears: dict[str, list[tuple[int, int]]]  # linear layer name -> (in, out) of each such layer
+
+    def adapter_parameters(self, rank: int, targets: str) -> int:
+        """Parameters of LoRA adapters of `rank` on the linear layers named in `targets`."""
+        names = [t.strip() for t in targets.split(",") if t.strip()]
+        return sum(rank * (i + o) for name in names for i, o in self.linears.get(name, []))
 
     @property
     def layer_parameters(self) -> int:
@@ -61,12 +67,16 @@ def model_shape(model_dir: str) -> ModelShape:
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     in_layers = sum(p.numel() for layer in layers for p in layer.parameters())
+    linears: dict[str, list[tuple[int, int]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            linears.setdefault(name.rsplit(".", 1)[-1], []).append((module.in_features, module.out_features))
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return ModelShape(name=path.name, parameters=parameters, layers=len(layers), hidden=config.hidden_size,
                       kv_width=getattr(config, "num_key_value_heads", heads) * head_dim,
                       intermediate=config.intermediate_size, vocab=config.vocab_size,
-                      root_parameters=parameters - in_layers)
+                      root_parameters=parameters - in_layers, linears=linears)
 
 
 def learner_rank(shape: ModelShape, cfg, ranks: int) -> dict[str, float]:
@@ -77,10 +87,13 @@ def learner_rank(shape: ModelShape, cfg, ranks: int) -> dict[str, float]:
     rows = math.ceil(ppo.minibatch_size / ranks)
     tokens = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
     per_token_layer = 7 * shape.hidden + 3 * shape.kv_width + 4 * shape.intermediate
+    # With LoRA only the adapters train: the frozen base has no gradients and no optimizer state.
+    trained = shape.adapter_parameters(ppo.lora_rank, ppo.lora_targets) if ppo.lora_rank else shape.parameters
+    frozen = shape.parameters if ppo.lora_rank else 0
     plan = {
-        "weights": shape.parameters * weight / ranks,
-        "gradients": shape.parameters * weight / ranks,
-        "optimizer": 2 * shape.parameters * weight / ranks,  # AdamW's two moments, in the weights' dtype
+        "weights": (frozen + trained) * weight / ranks,
+        "gradients": trained * weight / ranks,
+        "optimizer": 2 * trained * weight / ranks,  # AdamW's two moments, in the weights' dtype
         "activations": rows * tokens * shape.layers * per_token_layer * compute,
         # float32 logits of the response positions: the logits, their log-softmax and its gradient
         "logits": 3 * rows * cfg.generation.max_new_tokens * shape.vocab * 4,
@@ -101,7 +114,7 @@ def worker(shape: ModelShape, cfg) -> dict[str, float]:
 
 def smallest_group(shape: ModelShape, cfg, device_bytes: float) -> int | None:
     """The fewest learner ranks whose per-rank memory fits `device_bytes` (None if even 512 do not)."""
-    for n in GROUP_SIZES:
+    for n in GROUP_SIZES[:1] if cfg.ppo.lora_rank else GROUP_SIZES:  # LoRA trains on one rank
         if sum(learner_rank(shape, cfg, n).values()) <= device_bytes:
             return n
     return None
@@ -118,21 +131,25 @@ def report(model_dir: str, cfg, ranks: int, device_gib: list[float]) -> str:
     def gib(x: float) -> str:
         return f"{x / GIB:.2f}" if x < 10 * GIB else f"{x / GIB:.0f}"
 
+    tuning = (f"LoRA rank {ppo.lora_rank}: {shape.adapter_parameters(ppo.lora_rank, ppo.lora_targets) / 1e6:.1f}M "
+              f"adapter parameters" if ppo.lora_rank else "full fine-tuning")
+    reference = ("none: the base with adapters off, in the learner" if ppo.lora_rank
+                 else f"weights {gib(shape.parameters * BYTES[ppo.dtype])} GiB")
     lines = [
         f"model {shape.name}: {shape.parameters / 1e9:.2f}B parameters, {shape.layers} layers, hidden "
         f"{shape.hidden}, vocab {shape.vocab}",
-        f"learner, per rank of {ranks} ({ppo.dtype} weights, AdamW, minibatch {ppo.minibatch_size} x {tokens} "
-        f"tokens, autocast {ppo.autocast}):",
+        f"learner, per rank of {ranks} ({tuning}, {ppo.dtype} weights, AdamW, minibatch {ppo.minibatch_size} x "
+        f"{tokens} tokens, autocast {ppo.autocast}):",
         "  " + ", ".join(f"{k} {gib(v)}" for k, v in rank.items()) + f"  = {gib(sum(rank.values()))} GiB",
-        f"reference: weights {gib(shape.parameters * BYTES[ppo.dtype])} GiB",
+        f"reference: {reference}",
         f"generation worker ({gen.dtype}): weights {gib(work['weights'])} GiB, KV cache {gib(work['kv_cache'])} GiB "
         f"configured ({gen.prompts_per_request} x {gen.samples_per_prompt} sequences of {tokens} tokens need "
         f"{gib(work['kv_needed'])} GiB)",
     ]
     for size in device_gib:
         n = smallest_group(shape, cfg, size * GIB)
-        fits = (f"{n} rank{'s' if n > 1 else ''} ({gib(sum(learner_rank(shape, cfg, n).values()))} GiB each)"
-                if n else f"more than {GROUP_SIZES[-1]} ranks")
+        too_big = "does not fit one rank (LoRA trains on one)" if ppo.lora_rank else f"more than {GROUP_SIZES[-1]} ranks"
+        fits = f"{n} rank{'s' if n > 1 else ''} ({gib(sum(learner_rank(shape, cfg, n).values()))} GiB each)" if n else too_big
         if n and n > ppo.minibatch_size:
             fits += f", with ppo.minibatch_size raised to at least {n} (one row per rank)"
         lines.append(f"smallest learner group on {size:g} GiB devices: {fits}")

@@ -42,6 +42,14 @@ def test_cross_field_checks():
         build_config({"generation": {"autoscale_max_workers": 4}})
 
 
+def test_a_learner_group_needs_a_share_of_every_minibatch_per_rank_and_lora_one_rank():
+    with pytest.raises(ConfigError, match=r"ppo.num_learners = 3, ppo.minibatch_size \(16\) must be a multiple"):
+        build_config({"ppo": {"num_learners": 3}})
+    with pytest.raises(ConfigError, match="LoRA trains on one learner rank for now"):
+        build_config({"ppo": {"num_learners": 2, "lora_rank": 8}})
+    assert build_config({"ppo": {"num_learners": 2, "minibatch_size": 16}}).ppo.num_learners == 2
+
+
 def test_a_reward_server_beyond_loopback_needs_a_token(monkeypatch):
     from reward_server.server import resolve_secret
 

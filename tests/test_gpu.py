@@ -70,3 +70,39 @@ def test_reward_model_trains_on_cuda(model):
     cfg = RewardModelConfig(base=model, device="cuda", autocast="bfloat16", epochs=3, batch_size=8, lr=1e-4)
     history = RewardModelTrainer(model, cfg).train(pairs[:48], pairs[48:])
     assert history[-1]["eval/accuracy"] >= 0.95
+
+
+def test_a_learner_rank_over_nccl_checkpoints_shards_and_lora_trains_on_cuda(model, tmp_path):
+    """A learner group of one rank as cluster/launch.py starts it (NCCL process group), its sharded
+    checkpoint round trip, and a LoRA learner whose reference is the base with adapters off."""
+    import torch.distributed as dist
+
+    from tests.conftest import free_port
+
+    from transformers import AutoConfig
+
+    batch = rollouts(32, AutoConfig.from_pretrained(model).vocab_size, random.Random(1))
+    for r in batch:
+        r.ref_logprobs = list(r.logprobs)
+    rank = PPOLearner(model, PPOConfig(device="cuda", autocast="bfloat16", minibatch_size=16),
+                      inference_dtype="bfloat16", rank=0, world_size=1, rendezvous=f"tcp://127.0.0.1:{free_port()}")
+    try:
+        assert dist.get_backend() == "nccl"
+        assert rank.update(batch)["version/learner"] == 1
+        assert rank.save_checkpoint(str(tmp_path / "nccl")) == 1
+        before = {k: v.clone() for k, v in rank.policy.state_dict().items()}
+        rank.update(batch)
+        assert rank.load_checkpoint(str(tmp_path / "nccl")) == 1
+        assert all(torch.equal(before[k], v) for k, v in rank.policy.state_dict().items())
+    finally:
+        dist.destroy_process_group()
+
+    lora = PPOLearner(model, PPOConfig(device="cuda", autocast="bfloat16", minibatch_size=16, lora_rank=8),
+                      inference_dtype="bfloat16")
+    prompts, responses = [r.prompt_ids for r in batch[:4]], [r.response_ids for r in batch[:4]]
+    reference = lora.ref_logprobs(prompts, responses)
+    for _ in range(2):
+        assert all(v == v for v in lora.update(batch).values()), "a NaN metric"
+    after = lora.ref_logprobs(prompts, responses)
+    assert max(abs(a - b) for row, ref in zip(after, reference) for a, b in zip(row, ref)) < 1e-3
+    assert lora.memory()["optimizer"] < lora.memory()["weights"] / 10

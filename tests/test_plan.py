@@ -39,3 +39,14 @@ def test_plan_prints_the_roles_and_refuses_a_directory_without_a_config(tmp_path
     assert "8.03B parameters" in out and "smallest learner group on 80 GiB devices:" in out
     with pytest.raises(ConfigError, match="no config.json there"):
         model_shape(str(tmp_path))
+
+
+def test_the_lora_plan_matches_what_a_lora_learner_holds():
+    tiny = str(prepare_tiny())
+    learner = make_learner(tiny, lora_rank=4)
+    learner.update(rollouts(learner))
+    held = learner.memory()
+    plan = learner_rank(model_shape(tiny), build_config({"ppo": {"autocast": "none", "lora_rank": 4}}), 1)
+    for kind in ("weights", "gradients", "optimizer"):
+        assert plan[kind] == pytest.approx(held[kind], rel=0.2)
+    assert plan["optimizer"] < plan["weights"] / 10
