@@ -37,9 +37,10 @@ class PPOLearner:
     def __init__(self, model_path: str, cfg: PPOConfig, *, temperature: float = 1.0, inference_dtype: str = "bfloat16",
                  rank: int = 0, world_size: int = 1, rendezvous: str | None = None):
         """`cfg` is the run's PPOConfig; `temperature` the rollouts' sampling temperature; `inference_dtype`
-        the generation workers' weight dtype, in which `weights()` publishes. As rank `rank` of a learner
+        the generation workers' weight dtype, in which `publish()` sends the weights. As rank `rank` of a learner
         group of `world_size` (learner/learner_group.py), it joins the group's process group at `rendezvous`
-        and, with more than one rank, holds its shards of the model (learner/distributed.py)."""
+        and, with more than one rank, holds its shards of the model (learner/distributed.py). With
+        `cfg.lora_rank` it trains LoRA adapters (learner/lora.py) and serves the reference log-probs."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(cfg.seed)
