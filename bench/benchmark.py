@@ -28,11 +28,11 @@ import ray
 
 from actors.generation import GenerationWorker
 from actors.prompts import load_prompts
+from actors.rollout import Rollout
 from cluster.cli import DEFAULT_CONFIG
 from cluster.config import load_config
 from cluster.launch import launch_learners, start_ray
 from cluster.models import resolve_model
-from actors.rollout import Rollout
 from cluster.job import train
 
 
@@ -152,7 +152,7 @@ def bench_learner_memory(cfg, model_path, prompts, ranks: list[int]) -> None:
     for n in ranks:
         group = launch_learners(replace_section(cfg, "ppo", num_learners=n), model_path)
         ray.get(group.update(batch))
-        memory = ray.get([rank.memory.remote() for rank in group.ranks])[0]
+        memory = ray.get(group.ranks[0].memory.remote())  # every rank holds an equal share
         mib = {k: v / 2**20 for k, v in memory.items()}
         print(f"  {n} rank{'s' if n > 1 else ' '}: weights {mib['weights']:.0f} MiB + gradients {mib['gradients']:.0f} "
               f"MiB + optimizer {mib['optimizer']:.0f} MiB = {sum(mib.values()):.0f} MiB per rank")

@@ -209,15 +209,11 @@ class PPOLearner:
     def weights(self) -> dict[str, torch.Tensor]:
         """Policy weights with HF names in the generation workers' dtype, as one state dict (on rank 0; every
         rank of a group must call it): for tests that compare learners."""
-        return {k: v.to(self.inference_dtype) for k, v in self._policy_state().items()}
-
-    def _policy_state(self) -> dict[str, torch.Tensor]:
-        """The whole policy's weights with HF names (adapters merged), on the CPU, on rank 0 (empty on the
-        others)."""
-        return self._full_state()[0]
+        return {k: v.to(self.inference_dtype) for k, v in self._full_state()[0].items()}
 
     def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(policy with HF names, value head), gathered on rank 0, on the CPU."""
+        """(policy with HF names, adapters merged; value head), gathered on rank 0 (empty on the others), on
+        the CPU."""
         state = distributed.full_state_dict(self.model)
         head = {k[len("value_head."):]: v.detach().cpu() for k, v in state.items() if k.startswith("value_head.")}
         if self.cfg.lora_rank:

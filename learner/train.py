@@ -65,8 +65,9 @@ def ppo_step(stream: RolloutStream, learner, batch_size: int, overlap: bool) -> 
 def publish_weights(stream: RolloutStream, learner, block: bool) -> None:
     """The learner's weights, published once into the object store in buckets, loaded by every worker."""
     weights = learner.publish()
-    # The learner answering its next call means the weights are there: no worker is sent a lost object.
-    stream.wait(learner.get_version(), "learner", "weights")
+    # Its answer (the buckets' list) comes once every bucket is in the object store: no worker is sent a
+    # lost object, and no second call to the learner is needed to know it.
+    stream.wait(weights, "learner", "publish")
     stream.publish(weights, block)
 
 
