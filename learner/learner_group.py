@@ -23,6 +23,16 @@ def _first_of_all(refs: list[ray.ObjectRef]):
     return ray.get(refs[0])
 
 
+class _GroupMethod:
+    """A learner method called as an actor's is (`.remote(*args)`), on every rank of the group."""
+
+    def __init__(self, group: LearnerGroup, name: str):
+        self.group, self.name = group, name
+
+    def remote(self, *args) -> ray.ObjectRef:
+        return self.group._all(self.name, *args)
+
+
 class LearnerGroup:
     def __init__(self, ranks: list, placement_group=None):
         """`ranks`: the learner ranks' actor handles, rank 0 first; `placement_group`: theirs, removed with them."""
@@ -40,6 +50,17 @@ class LearnerGroup:
     def publish(self) -> ray.ObjectRef:
         """The policy published in buckets for the workers (actors/weights.py PublishedWeights)."""
         return self._all("publish")
+
+    @property
+    def ref_logprobs(self) -> _GroupMethod:
+        """With LoRA the group is the reference model too (the base with adapters off; every rank computes,
+        as a sharded forward needs them all): `ref_logprobs.remote(prompt_ids, response_ids, temperature)`, as
+        the reference actor answers it."""
+        return _GroupMethod(self, "ref_logprobs")
+
+    def open_weight_transfer(self, workers: list) -> ray.ObjectRef:
+        """`ppo.weight_transfer=nccl`: the NCCL group between rank 0 and the generation workers."""
+        return self._all("open_weight_transfer", workers)
 
     def weights(self) -> ray.ObjectRef:
         """The whole policy in the workers' dtype as one state dict, gathered on rank 0 (for tests)."""

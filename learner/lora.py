@@ -9,8 +9,6 @@ moments exist for the adapters only (and the value head, trained in full).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from cluster.config import ConfigError
@@ -50,7 +48,24 @@ def adapter_weights(policy) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(policy)
 
 
-def merged_weights(policy) -> dict[str, torch.Tensor]:
-    """The policy with the adapters folded into the base weights, under the base model's own names (for the
-    HF export and comparisons); the learner's model keeps its adapters."""
-    return copy.deepcopy(policy).merge_and_unload().state_dict()
+def merged_weights(policy, state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The policy with the adapters folded into the base weights (W + scaling * B A, peft's merge), under the
+    base model's own names, for the HF export: computed from `state`, the peft model's whole state dict with
+    its keys under `prefix` (gathered from the learner ranks), so the model itself is neither copied nor
+    changed."""
+    root = "base_model.model."
+    scaling = {name.removeprefix(root): module.scaling["default"] for name, module in policy.named_modules()
+               if isinstance(getattr(module, "scaling", None), dict)}
+    merged = {}
+    for key, value in state.items():
+        if not key.startswith(prefix) or ".lora_" in key:
+            continue
+        name = key[len(prefix):].removeprefix(root)
+        layer, base, param = name.partition(".base_layer.")
+        if base:
+            name = f"{layer}.{param}"
+            if param == "weight":
+                a, b = (state[f"{prefix}{root}{layer}.lora_{ab}.default.weight"].float() for ab in "AB")
+                value = (value.float() + scaling[layer] * (b @ a)).to(value.dtype)
+        merged[name] = value
+    return merged

@@ -15,10 +15,3 @@ def ray_session():
     serve.shutdown()
     ray.shutdown()
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

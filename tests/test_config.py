@@ -42,11 +42,9 @@ def test_cross_field_checks():
         build_config({"generation": {"autoscale_max_workers": 4}})
 
 
-def test_a_learner_group_needs_a_share_of_every_minibatch_per_rank_and_lora_one_rank():
+def test_a_learner_group_needs_a_share_of_every_minibatch_per_rank():
     with pytest.raises(ConfigError, match=r"ppo.num_learners = 3, ppo.minibatch_size \(16\) must be a multiple"):
         build_config({"ppo": {"num_learners": 3}})
-    with pytest.raises(ConfigError, match="LoRA trains on one learner rank for now"):
-        build_config({"ppo": {"num_learners": 2, "lora_rank": 8}})
     assert build_config({"ppo": {"num_learners": 2, "minibatch_size": 16}}).ppo.num_learners == 2
 
 
@@ -126,3 +124,13 @@ def test_autoscale_step_follows_the_buffer_depth(depth, workers, change):
     from actors.worker_pool import autoscale_step
 
     assert autoscale_step(depth, batch=16, workers=workers, fewest=1, most=4) == change
+
+
+def test_nccl_weight_transfer_needs_cuda_full_fine_tuning_and_fixed_workers():
+    with pytest.raises(ConfigError, match="not ppo.device = cpu, generation.device = cpu; use ppo.weight_transfer"):
+        build_config({"ppo": {"weight_transfer": "nccl"}})
+    cuda = {"ppo": {"weight_transfer": "nccl", "device": "cuda"}, "generation": {"device": "cuda"}}
+    assert build_config(cuda).ppo.weight_transfer == "nccl"
+    with pytest.raises(ConfigError, match="not ppo.lora_rank = 8, generation.autoscale_max_workers = 4"):
+        build_config({"ppo": {**cuda["ppo"], "lora_rank": 8},
+                      "generation": {"device": "cuda", "autoscale_min_workers": 1, "autoscale_max_workers": 4}})

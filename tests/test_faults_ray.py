@@ -23,7 +23,7 @@ from cluster.job import train
 from reward_server.client import RewardClient, RewardServerUnavailable
 from reward_server.scorers import VaderScorer
 from reward_server.server import APP_NAME, start_reward_server
-from tests.conftest import free_port
+from learner.distributed import free_port
 
 pytestmark = pytest.mark.ray
 

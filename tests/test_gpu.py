@@ -77,7 +77,7 @@ def test_a_learner_rank_over_nccl_checkpoints_shards_and_lora_trains_on_cuda(mod
     checkpoint round trip, and a LoRA learner whose reference is the base with adapters off."""
     import torch.distributed as dist
 
-    from tests.conftest import free_port
+    from learner.distributed import free_port
 
     from transformers import AutoConfig
 

@@ -6,6 +6,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from actors.reference import ReferenceModel
 from actors.rollout import Rollout
@@ -106,3 +107,19 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"of another model: missing \['policy\.model\.layers\.1\."):
         learner.load_checkpoint(str(tmp_path / "ckpt"))
     assert learner.version == 0
+
+
+def test_the_weight_source_for_vllms_nccl_engine_declares_what_it_sends_and_sends_the_publication(tiny):
+    """vLLM's NCCL engine sizes the workers' receive buffers from metadata() and fills them from iteration:
+    the two must agree, and carry what the object-store path publishes."""
+    learner = make_learner(tiny)
+    learner.update(rollouts(learner))
+    source = learner.weight_source()
+    sent = list(source)
+    assert [(m.name, m.dtype, tuple(m.shape)) for m in source.metadata()] == \
+        [(name, t.dtype, tuple(t.shape)) for name, t in sent]
+    published = learner.weights()  # the state dict the object-store path publishes, as one
+    assert {name for name, _ in sent} == set(published)
+    assert all(torch.equal(t, published[name]) for name, t in sent)
+    assert "lm_head.weight" in dict(sent)  # tied, under its own name too, as the workers load it
+    assert [name for name, _ in source] == [name for name, _ in sent]  # a fresh pass every round

@@ -75,6 +75,36 @@ def test_two_ranks_train_as_one_and_checkpoints_reshard(ray_session, tiny, tmp_p
         group.kill()
 
 
+def test_two_lora_ranks_serve_the_reference_train_publish_and_checkpoint_as_one(ray_session, tiny, tmp_path):
+    cfg = config(lora_rank=4)
+    one = PPOLearner(tiny, cfg.ppo, inference_dtype="float32")
+    batch = rollouts(one, count=16, seed=0)
+    prompts, responses = [r.prompt_ids for r in batch], [r.response_ids for r in batch]
+    gap = lambda a, b: max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))  # noqa: E731
+    reference = one.ref_logprobs(prompts, responses)
+    group = launch_learners(cfg, tiny)
+    try:
+        # the group answers the reference actor's call: the base with adapters off, sharded over both ranks
+        assert gap(ray.get(group.ref_logprobs.remote(prompts, responses)), reference) < 1e-5
+        ray.get(group.update(batch))
+        one.update(batch)
+        assert gap(ray.get(group.ref_logprobs.remote(prompts, responses)), reference) < 1e-5
+        assert max_gap(ray.get(group.weights()), one.weights()) < TOL  # the adapters merged, as exported
+
+        adapters = dict(ray.get(group.publish()).tensors())  # the adapters only, gathered from both ranks
+        expected = dict(one.publish().tensors())
+        assert adapters.keys() == expected.keys() and all("lora_" in k for k in adapters)
+        assert max_gap(adapters, expected) < TOL
+        assert max(t.abs().max().item() for k, t in adapters.items() if "lora_B" in k) > 1e-3  # B left zero
+
+        assert ray.get(group.save_checkpoint(str(tmp_path / "by-2"))) == 1
+        resumed = PPOLearner(tiny, cfg.ppo, inference_dtype="float32")
+        resumed.load_checkpoint(str(tmp_path / "by-2"))
+        assert max_gap(resumed.weights(), ray.get(group.weights())) < TOL
+    finally:
+        group.kill()
+
+
 def test_a_group_larger_than_the_cluster_is_refused_at_once(ray_session, tiny):
     with pytest.raises(RuntimeError, match=r"cannot be placed: CPU: 16 x 1 = 16 needed, the cluster has 8"):
         launch_learners(config(num_learners=16, minibatch_size=16), tiny)

@@ -1,6 +1,6 @@
 """LoRA end to end on Ray with the tiny model and real vLLM: a worker built for LoRA applies each published
 adapter (only the adapter travels, under a new adapter id per version) and then gives the learner's own
-log-probs; a whole PPO job runs with LoRA and no reference actor."""
+log-probs; a whole PPO job runs with LoRA on two learner ranks and no reference actor."""
 
 import pytest
 import ray
@@ -49,8 +49,8 @@ def test_a_lora_worker_applies_each_published_adapter(ray_session):
         ray.kill(worker)
 
 
-def test_a_ppo_job_trains_lora_adapters_without_a_reference_actor(ray_session, tmp_path):
-    summary, steps = run(tmp_path, "train.steps=2", "ppo.lora_rank=4", "ppo.lr=1e-3")
+def test_a_ppo_job_trains_lora_adapters_on_two_learner_ranks_without_a_reference_actor(ray_session, tmp_path):
+    summary, steps = run(tmp_path, "train.steps=2", "ppo.lora_rank=4", "ppo.lr=1e-3", "ppo.num_learners=2")
     assert summary["policy_version"] == 2
     assert abs(steps[0]["eval/kl_mean"]) < 0.05  # the policy starts as the base: the reference
     assert all(s["learner/tokens"] > 0 for s in steps if s["step"] > 0)

@@ -9,7 +9,7 @@ import pytest
 from cluster.cli import DEFAULT_CONFIG
 from cluster.config import load_config
 from cluster.job import train
-from tests.conftest import free_port
+from learner.distributed import free_port
 
 pytestmark = pytest.mark.ray
 

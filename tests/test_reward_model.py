@@ -15,7 +15,7 @@ from cluster.models import prepare_tiny
 from reward_server.preferences import PreferencePair
 from reward_server.reward_model import RewardModelTrainer, bradley_terry_loss, pair_accuracy
 from reward_server.scorers import RewardModelScorer, encode_conversations, response_mask
-from tests.conftest import free_port
+from learner.distributed import free_port
 
 WORDS = "the a train bus day morning shop coffee rain friend walk phone keys queue ticket window".split()
 

@@ -11,7 +11,7 @@ from cluster.config import load_config
 from cluster.reward_modeling import best_of_n_command, make_preferences, train_rm_command, west_of_n_command
 from cluster.job import train
 from reward_server.preferences import load_preferences
-from tests.conftest import free_port
+from learner.distributed import free_port
 from tests.test_pipeline_ray import TINY
 
 pytestmark = pytest.mark.ray

@@ -14,7 +14,7 @@ from ray import serve
 from cluster.config import RewardConfig
 from reward_server.scorers import ScoringError, VaderScorer
 from reward_server.server import APP_NAME, reward_app, reward_url, start_reward_server
-from tests.conftest import free_port
+from learner.distributed import free_port
 
 pytestmark = pytest.mark.ray
 

@@ -16,7 +16,7 @@ import pytest
 
 from cluster.cli import DEFAULT_CONFIG, main
 from reward_server.scorers import VaderScorer
-from tests.conftest import free_port
+from learner.distributed import free_port
 
 TINY = DEFAULT_CONFIG.parent / "tiny.yaml"
 ROOT = Path(__file__).resolve().parents[1]

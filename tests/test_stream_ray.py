@@ -262,3 +262,13 @@ def test_workers_run_ahead_no_further_than_the_staleness_bound_allows(ray_sessio
     assert counters(stream)["rollouts_dropped_stale"] == 0 and counters(stream)["prompts_reissued"] == 0
     assert max(lags) <= 1
     assert_exactly_once(stream, batches, on_policy=False)
+
+
+def test_workers_in_a_fixed_nccl_group_are_not_rescaled_and_a_lost_one_stops_the_job_saying_why():
+    pool = WorkerPool(["worker-0", "worker-1"], spawn=lambda i: f"worker-{i}", fixed=True)
+    pool.scale_to(3)
+    assert len(pool.workers) == 2  # the request is logged and ignored
+    pool._failed(1, ray.exceptions.RayActorError())
+    pool.retry_at[1] = 0.0  # its retry is due
+    with pytest.raises(RuntimeError, match="NCCL group cannot take a new member; resume from the last checkpoint"):
+        pool.poll()
