@@ -38,6 +38,7 @@ class RolloutBatch:
     scores: torch.Tensor  # (B,) reward of each response
     finished: torch.Tensor  # (B,) bool: the response ended with EOS, not at the length limit
     versions: torch.Tensor  # (B,) policy version that produced each row
+    groups: torch.Tensor  # (B,) the prompt draw each row answers: the rows of one draw are one group
 
     def select(self, rows: torch.Tensor) -> "RolloutBatch":
         return RolloutBatch(**{name: getattr(self, name)[rows] for name in self.__dataclass_fields__})
@@ -81,4 +82,6 @@ def collate(rollouts: list[Rollout], pad_id: int) -> RolloutBatch:
         ref_logprobs=_pad_floats([r.ref_logprobs for r in rollouts], T),
         scores=torch.tensor([r.score for r in rollouts], dtype=torch.float32),
         finished=torch.tensor([r.finished for r in rollouts], dtype=torch.bool),
-        versions=torch.tensor([r.version for r in rollouts]))
+        versions=torch.tensor([r.version for r in rollouts]),
+        # rollouts made outside the stream (tests, tools) carry no draw number: their prompt is their group
+        groups=torch.tensor([r.draw if r.draw >= 0 else r.prompt_index for r in rollouts]))

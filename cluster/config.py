@@ -130,7 +130,18 @@ class PPOConfig:
     vf_coef: float = opt(0.1, "weight of the value loss", ge=0.0)
     gamma: float = opt(1.0, "discount", gt=0.0, le=1.0)
     lam: float = opt(0.95, "GAE lambda", ge=0.0, le=1.0)
-    whiten_advantages: bool = opt(True, "normalise advantages to mean 0, std 1 per batch")
+    whiten_advantages: bool = opt(True, "gae: normalise advantages to mean 0, std 1 per batch")
+    advantage: str = opt("gae", "advantage estimator: `gae` (a value head, the critic), or critic-free: `grpo` "
+                                "(each response against its prompt's group: needs samples_per_prompt >= 2), "
+                                "`rloo` (leave-one-out baseline: needs samples_per_prompt >= 2), `reinforce_pp` "
+                                "(REINFORCE++: returns normalised over the batch). Critic-free: no value head",
+                         choices=("gae", "grpo", "rloo", "reinforce_pp"))
+    grpo_std_norm: bool = opt(True, "grpo: divide by the group's reward std (false = Dr. GRPO's unnormalised form)")
+    loss_agg: str = opt("token_mean", "how the policy loss averages tokens: `token_mean` over the minibatch's "
+                                      "tokens; `seq_mean_token_mean` per response, then over responses (GRPO's "
+                                      "original: a short response's tokens weigh more); `seq_mean_token_sum_norm` "
+                                      "token sums over responses x generation.max_new_tokens (Dr. GRPO: no length "
+                                      "bias)", choices=("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
     max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0.0)
     kl_coef: float = opt(0.05, "initial KL penalty beta", ge=0.0)
     kl_target: float = opt(0.0, "adaptive KL target per response, nats; 0 = fixed beta", ge=0.0)
@@ -284,6 +295,10 @@ class RunConfig:
                 f"(train.prompts_per_step * generation.samples_per_prompt = "
                 f"{self.train.prompts_per_step * self.generation.samples_per_prompt}); lower it")
         self._check_learner_group()
+        if self.ppo.advantage in ("grpo", "rloo") and self.generation.samples_per_prompt < 2:
+            raise ConfigError(f"ppo.advantage = {self.ppo.advantage} compares the responses to one prompt with each "
+                              f"other: set generation.samples_per_prompt >= 2 (it is "
+                              f"{self.generation.samples_per_prompt})")
         if self.train.buffer_size < self.generation.prompts_per_request:
             raise ConfigError(f"train.buffer_size ({self.train.buffer_size}) must hold at least one "
                               f"request (generation.prompts_per_request = {self.generation.prompts_per_request})")

@@ -111,7 +111,8 @@ def launch_learners(cfg, model_path: str) -> LearnerGroup:
         name="learner" if i == 0 else f"learner-{i}", num_cpus=ppo.num_cpus, num_gpus=ppo.num_gpus,
         resources=role_resources(cfg, "learner"), scheduling_strategy=in_bundle[i],
     ).remote(model_path, ppo, temperature=gen.temperature, inference_dtype=gen.dtype, rank=i,
-             world_size=ppo.num_learners, rendezvous=rendezvous) for i in range(ppo.num_learners)]
+             world_size=ppo.num_learners, rendezvous=rendezvous, max_new_tokens=gen.max_new_tokens)
+        for i in range(ppo.num_learners)]
     return LearnerGroup(ranks, group)
 
 

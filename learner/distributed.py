@@ -26,15 +26,17 @@ class PolicyWithValue(torch.nn.Module):
     """The policy and its value head as one module, so that one FSDP2 root unit covers the embeddings, the
     final norm, the (tied) LM head and the value head, which response_forward uses outside the decoder."""
 
-    def __init__(self, policy: torch.nn.Module, value_head: torch.nn.Linear):
+    def __init__(self, policy: torch.nn.Module, value_head: torch.nn.Linear | None):
         super().__init__()
         self.policy = policy
-        self.value_head = value_head
+        self.value_head = value_head  # None for the critic-free estimators
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(float32 logits (B, T, V), values (B, T)) of the response positions."""
+        """(float32 logits (B, T, V), values (B, T); zeros without a value head) of the response positions."""
         logits, hidden = response_forward(self.policy, input_ids, attention_mask, response_len, temperature)
+        if self.value_head is None:
+            return logits, torch.zeros(logits.shape[:2], device=logits.device)
         # a new tensor, not a view: FSDP2 hooks the backward of this module's outputs
         return logits, self.value_head(hidden).squeeze(-1).float().clone()
 

@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 class PPOLearner:
     def __init__(self, model_path: str, cfg: PPOConfig, *, temperature: float = 1.0, inference_dtype: str = "bfloat16",
-                 rank: int = 0, world_size: int = 1, rendezvous: str | None = None):
-        """`cfg` is the run's PPOConfig; `temperature` the rollouts' sampling temperature; `inference_dtype`
+                 rank: int = 0, world_size: int = 1, rendezvous: str | None = None, max_new_tokens: int | None = None):
+        """`cfg` is the run's PPOConfig; `temperature` the rollouts' sampling temperature and `max_new_tokens`
+        their length limit (the constant of `ppo.loss_agg=seq_mean_token_sum_norm`); `inference_dtype`
         the generation workers' weight dtype, in which `publish()` sends the weights. As rank `rank` of a learner
         group of `world_size` (learner/learner_group.py), it joins the group's process group at `rendezvous`
         and, with more than one rank, holds its shards of the model (learner/distributed.py). With
@@ -51,23 +52,26 @@ class PPOLearner:
         if rendezvous:
             distributed.init_group(rendezvous, rank, world_size, self.device, cfg.collective_timeout_s)
         self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
         self.inference_dtype = torch_dtype(inference_dtype)
         self.policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(cfg.dtype)).to(self.device)
         if cfg.lora_rank:
             self.policy = lora.add_adapters(self.policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = self.policy.config.pad_token_id or 0
-        hidden = self.policy.config.hidden_size
-        self.value_head = torch.nn.Linear(hidden, 1).to(self.device, torch_dtype(cfg.dtype))
-        torch.nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))  # as in lm-human-preferences
-        torch.nn.init.zeros_(self.value_head.bias)
+        self.value_head = None  # the critic-free estimators use none
+        if cfg.advantage == "gae":
+            hidden = self.policy.config.hidden_size
+            self.value_head = torch.nn.Linear(hidden, 1).to(self.device, torch_dtype(cfg.dtype))
+            torch.nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))  # as in lm-human-preferences
+            torch.nn.init.zeros_(self.value_head.bias)
         self.model = PolicyWithValue(self.policy, self.value_head)
         if world_size > 1:
             distributed.shard(self.model, self.device)
-        self.optimizer = torch.optim.AdamW([
-            {"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": cfg.lr},
-            {"params": self.value_head.parameters(), "lr": cfg.value_lr},
-        ], weight_decay=0.0)
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": cfg.lr}]
+        if self.value_head is not None:
+            groups.append({"params": self.value_head.parameters(), "lr": cfg.value_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.kl_ctl = ppo_math.make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.score_moments = ppo_math.RunningMoments()
         self.version = 0
@@ -125,9 +129,7 @@ class PPOLearner:
         scores, score_metrics = self._scores(batch)
         kl_coef = self.kl_ctl.value
         rewards, _ = ppo_math.shaped_rewards(scores, prox_logprobs, batch.ref_logprobs, mask, kl_coef)
-        advantages, returns = ppo_math.gae(rewards, old_values, mask, self.cfg.gamma, self.cfg.lam)
-        if self.cfg.whiten_advantages:
-            advantages = ppo_math.masked_whiten(advantages, mask)
+        advantages, returns = self._advantages(rewards, old_values, mask, batch.groups)
 
         totals: dict[str, list[float]] = {}
         B, mbs = len(rollouts), self.cfg.minibatch_size
@@ -146,6 +148,8 @@ class PPOLearner:
         metrics = {k: sum(v) / len(v) for k, v in totals.items()}
         metrics.update({f"offpolicy/{k}": v.item() for k, v in offpolicy.items()})
         metrics.update(score_metrics)
+        if self.value_head is not None:
+            metrics["value/mean"] = ppo_math.masked_mean(old_values, mask).item()
         metrics.update({
             "kl/mean": kl_per_seq.mean().item(),
             "kl/coef": kl_coef,
@@ -153,11 +157,26 @@ class PPOLearner:
             "rollout/score_std": batch.scores.std().item() if B > 1 else 0.0,
             "rollout/response_len": mask.sum(-1).mean().item(),
             "rollout/finished_frac": batch.finished.float().mean().item(),
-            "value/mean": ppo_math.masked_mean(old_values, mask).item(),
             "version/learner": self.version,
             "learner/tokens": mask.sum().item(),
         })
         return metrics
+
+    def _advantages(self, rewards, values, mask, groups) -> tuple[torch.Tensor, torch.Tensor]:
+        """(advantages, value targets) by `ppo.advantage`; the critic-free ones have no value targets."""
+        estimator = self.cfg.advantage
+        if estimator == "gae":
+            advantages, returns = ppo_math.gae(rewards, values, mask, self.cfg.gamma, self.cfg.lam)
+            if self.cfg.whiten_advantages:
+                advantages = ppo_math.masked_whiten(advantages, mask)
+            return advantages, returns
+        if estimator == "grpo":
+            advantages = ppo_math.grpo_advantages(rewards, mask, groups, self.cfg.grpo_std_norm)
+        elif estimator == "rloo":
+            advantages = ppo_math.rloo_advantages(rewards, mask, groups)
+        else:
+            advantages = ppo_math.reinforce_pp_advantages(rewards, mask)
+        return advantages, torch.zeros_like(advantages)
 
     def _step(self, mb: RolloutBatch, prox_logprobs, old_values, advantages, returns, weights) -> dict[str, float]:
         """One optimiser step on a minibatch. In a learner group each rank computes its share of the rows
@@ -165,25 +184,33 @@ class PPOLearner:
         # The losses are means over the minibatch's tokens. A rank's mean over its own tokens, times its
         # share of the tokens and times N (which FSDP's average divides out again), gives each rank's
         # gradient its part of the one-learner gradient.
+        # A loss averaged over responses rather than tokens (`ppo.loss_agg`) weighs each rank by its rows.
         mine = self._my_rows(torch.arange(len(mb.scores)))
         share = self.world * mb.response_mask[mine].sum() / mb.response_mask.sum().clamp(min=1.0)
+        pg_share = share if self.cfg.loss_agg == "token_mean" else torch.tensor(self.world * len(mine) / len(mb.scores))
         mb = mb.select(mine)
         prox_logprobs, old_values, advantages, returns, weights = (
             t[mine].to(self.device) for t in (prox_logprobs, old_values, advantages, returns, weights))
         mask = mb.response_mask.to(self.device)
         logprobs, values, logits = self._forward(mb)
-        pg_loss, pg_stats = ppo_math.policy_loss(logprobs, prox_logprobs, advantages, mask, self.cfg.clip, weights)
-        vf_loss, vf_stats = ppo_math.value_loss(values, old_values, returns, mask, self.cfg.value_clip)
-        loss = pg_loss + self.cfg.vf_coef * vf_loss
+        pg_loss, pg_stats = ppo_math.policy_loss(logprobs, prox_logprobs, advantages, mask, self.cfg.clip, weights,
+                                                 self.cfg.loss_agg, self.max_new_tokens)
+        loss, scaled = pg_loss, pg_loss * pg_share.to(self.device)
+        vf_stats = {}
+        if self.value_head is not None:
+            vf_loss, vf_stats = ppo_math.value_loss(values, old_values, returns, mask, self.cfg.value_clip)
+            loss = loss + self.cfg.vf_coef * vf_loss
+            scaled = scaled + self.cfg.vf_coef * vf_loss * share.to(self.device)
+            vf_stats = {"loss/value": vf_loss, "value/clip_frac": vf_stats["clip_frac"]}
         self.optimizer.zero_grad(set_to_none=True)
-        (loss * share.to(self.device)).backward()
+        scaled.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), self.cfg.max_grad_norm)
         self.optimizer.step()
         with torch.no_grad():
             entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits.detach()), mask)
-            stats = {"loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss, "policy/entropy": entropy,
+            stats = {"loss/policy": pg_loss, "loss/total": loss, "policy/entropy": entropy,
                      "policy/clip_frac": pg_stats["clip_frac"], "policy/approx_kl": pg_stats["approx_kl"],
-                     "policy/ratio_mean": pg_stats["ratio_mean"], "value/clip_frac": vf_stats["clip_frac"]}
+                     "policy/ratio_mean": pg_stats["ratio_mean"], **vf_stats}
             # token-weighted over the ranks: the minibatch's means, as one learner computes them
             values = torch.stack([v.detach().float() for v in stats.values()]) * share.to(self.device) / self.world
             values = distributed.sum_across_ranks(values).tolist()

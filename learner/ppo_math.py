@@ -162,18 +162,97 @@ def gae(
     return advantages, returns
 
 
+# --- critic-free advantages --------------------------------------------------------------------
+# Each takes the per-token rewards of `shaped_rewards` (the score on the last token, -kl_coef * KL_t on
+# every token), so the KL penalty to the reference reaches every estimator the same way. The group ones
+# judge a whole response: their sequence reward is the row's sum, score - kl_coef * sum_t KL_t, and every
+# token of the row gets the row's advantage. `groups` (B,) says which rows answer the same prompt.
+
+
+def _group_mean(x: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean of x over each row's group, the group's size), both (B,)."""
+    _, index, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), dtype=x.dtype, device=x.device).index_add_(0, index, x)
+    size = counts.to(x.dtype)[index]
+    return sums[index] / size, size
+
+
+def _check_groups(groups: Tensor, estimator: str) -> None:
+    sizes = torch.unique(groups, return_counts=True)[1]
+    if (sizes < 2).any():
+        raise ValueError(f"{estimator} compares the responses to one prompt with each other and needs at least 2 "
+                         f"per prompt, got groups of {sorted(set(sizes.tolist()))}; set "
+                         f"generation.samples_per_prompt >= 2")
+
+
+@torch.no_grad()
+def grpo_advantages(rewards: Tensor, mask: Tensor, groups: Tensor, std_norm: bool = True,
+                    eps: float = 1e-6) -> Tensor:
+    """GRPO (Shao et al. 2024, DeepSeekMath, eq. 3 with outcome supervision): each response's sequence
+    reward less its group's mean, divided by the group's standard deviation (unbiased, + eps) when
+    `std_norm`. Dividing by the std weighs prompts whose responses hardly differ (nearly all good or
+    all bad) as much as contested ones; Liu et al. 2025 (Dr. GRPO) drop it (`std_norm=False`).
+    Returns (B, T): the row's advantage on each of its real tokens, 0 on padding."""
+    _check_groups(groups, "GRPO")
+    seq = _zero_padding(rewards, mask).sum(-1)
+    mean, size = _group_mean(seq, groups)
+    advantage = seq - mean
+    if std_norm:
+        var, _ = _group_mean(advantage ** 2, groups)
+        advantage = advantage / (torch.sqrt(var * size / (size - 1)) + eps)
+    return _zero_padding(advantage.unsqueeze(1).expand_as(mask).to(rewards.dtype), mask)
+
+
+@torch.no_grad()
+def rloo_advantages(rewards: Tensor, mask: Tensor, groups: Tensor) -> Tensor:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024): each response's sequence reward less the mean of
+    the other responses to the same prompt, an unbiased baseline (it does not depend on the response it
+    judges). Returns (B, T): the row's advantage on each of its real tokens, 0 on padding."""
+    _check_groups(groups, "RLOO")
+    seq = _zero_padding(rewards, mask).sum(-1)
+    mean, size = _group_mean(seq, groups)
+    others = (mean * size - seq) / (size - 1)
+    return _zero_padding((seq - others).unsqueeze(1).expand_as(mask).to(rewards.dtype), mask)
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(rewards: Tensor, mask: Tensor) -> Tensor:
+    """REINFORCE++ (Hu 2025): each token's return, the sum of the per-token rewards from it to the end
+    (gamma = 1, so the KL penalty of every later token counts), normalised to mean 0, std 1 over the
+    whole batch's tokens; no critic and no groups. Returns (B, T), 0 on padding."""
+    rewards = _zero_padding(rewards, mask)
+    returns = rewards.flip(1).cumsum(1).flip(1)
+    return masked_whiten(returns, mask)
+
+
 # --- losses ------------------------------------------------------------------------------------
+
+
+def aggregate(per_token: Tensor, mask: Tensor, mode: str = "token_mean", horizon: int | None = None) -> Tensor:
+    """A loss from per-token terms (B, T), as `mode` weighs the tokens:
+      token_mean: the mean over all real tokens of the batch (every token weighs the same);
+      seq_mean_token_mean: each response's token mean, then the mean over responses (GRPO as published:
+        a token of a short response weighs more than one of a long response);
+      seq_mean_token_sum_norm: each response's token sum, over responses x `horizon` (the longest a
+        response may be; Dr. GRPO, Liu et al. 2025: a constant, so no length bias)."""
+    if mode == "token_mean":
+        return masked_mean(per_token, mask)
+    if mode == "seq_mean_token_mean":
+        return masked_mean(per_token, mask, dim=1).mean()
+    if mode == "seq_mean_token_sum_norm":
+        return _zero_padding(per_token, mask).sum() / (per_token.shape[0] * (horizon or per_token.shape[1]))
+    raise ValueError(f"unknown loss aggregation {mode!r}: token_mean, seq_mean_token_mean or seq_mean_token_sum_norm")
 
 
 def policy_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip: float,
-    weights: Tensor | None = None,
+    weights: Tensor | None = None, agg: str = "token_mean", horizon: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), negated to be minimised; with `weights`, the
     decoupled form of Hilton et al. 2022.
 
     L = mean_t w_t * max(-A_t * rho_t, -A_t * clip(rho_t, 1 - clip, 1 + clip)), rho_t = pi / pi_old,
-    averaged over all real tokens of the batch. `old_logprobs` are the proximal policy's; `weights`
+    averaged over all real tokens of the batch (or as `agg` says: `aggregate`). `old_logprobs` are the proximal policy's; `weights`
     (w_t = pi_prox / mu, truncated: `truncated_importance_weights`) correct for the tokens having been
     sampled from the behaviour policy mu; None means w_t = 1, on-policy PPO. The weight is positive, so
     it multiplies the max of both terms as it would each. All inputs (B, T). Stats are detached 0-dim
@@ -194,7 +273,7 @@ def policy_loss(
     per_token = torch.maximum(unclipped, clipped)
     if weights is not None:
         per_token = per_token * _zero_padding(weights, mask).detach()
-    loss = masked_mean(per_token, mask)
+    loss = aggregate(per_token, mask, agg, horizon)
     with torch.no_grad():
         stats = {
             "clip_frac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),

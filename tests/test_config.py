@@ -134,3 +134,12 @@ def test_nccl_weight_transfer_needs_cuda_full_fine_tuning_and_fixed_workers():
     with pytest.raises(ConfigError, match="not ppo.lora_rank = 8, generation.autoscale_max_workers = 4"):
         build_config({"ppo": {**cuda["ppo"], "lora_rank": 8},
                       "generation": {"device": "cuda", "autoscale_min_workers": 1, "autoscale_max_workers": 4}})
+
+
+def test_group_estimators_need_several_samples_per_prompt():
+    for estimator in ("grpo", "rloo"):
+        with pytest.raises(ConfigError, match=f"ppo.advantage = {estimator} compares the responses to one prompt"):
+            build_config({"ppo": {"advantage": estimator}})
+    cfg = build_config({"ppo": {"advantage": "grpo"}, "generation": {"samples_per_prompt": 4}})
+    assert cfg.ppo.advantage == "grpo"
+    assert build_config({"ppo": {"advantage": "reinforce_pp"}}).ppo.advantage == "reinforce_pp"

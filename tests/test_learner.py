@@ -123,3 +123,26 @@ def test_the_weight_source_for_vllms_nccl_engine_declares_what_it_sends_and_send
     assert all(torch.equal(t, published[name]) for name, t in sent)
     assert "lm_head.weight" in dict(sent)  # tied, under its own name too, as the workers load it
     assert [name for name, _ in source] == [name for name, _ in sent]  # a fresh pass every round
+
+
+def grouped(learner, seed=0) -> list[Rollout]:
+    """Two responses to each of 4 prompts (one group each), the first scored +1, the second -1."""
+    batch = rollouts(learner, count=8, seed=seed)
+    for i, r in enumerate(batch):
+        r.prompt_index, r.prompt_ids, r.score = i // 2, batch[i - i % 2].prompt_ids, 1.0 if i % 2 == 0 else -1.0
+        r.logprobs = r.ref_logprobs = learner.logprobs([r.prompt_ids], [r.response_ids])[0]
+    return batch
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_estimators_train_without_a_value_head_toward_the_better_response(tiny, estimator):
+    learner = make_learner(tiny, advantage=estimator, lr=1e-3, loss_agg="seq_mean_token_mean")
+    assert learner.value_head is None
+    assert not any("value_head" in name for name, _ in learner.model.named_parameters())
+    batch = grouped(learner)
+    before = learner.logprobs([r.prompt_ids for r in batch], [r.response_ids for r in batch])
+    metrics = learner.update(batch)
+    assert "loss/value" not in metrics and "value/mean" not in metrics
+    after = learner.logprobs([r.prompt_ids for r in batch], [r.response_ids for r in batch])
+    change = [sum(a) - sum(b) for a, b in zip(after, before)]
+    assert all(c > 0 for c in change[0::2]) and all(c < 0 for c in change[1::2])  # better up, worse down

@@ -75,6 +75,23 @@ def test_two_ranks_train_as_one_and_checkpoints_reshard(ray_session, tiny, tmp_p
         group.kill()
 
 
+def test_two_ranks_train_as_one_with_grpo_and_a_per_response_loss(ray_session, tiny):
+    """No value head, and a loss averaged over responses: each rank's share is its rows, not its tokens."""
+    cfg = config(advantage="grpo", loss_agg="seq_mean_token_mean")
+    one = PPOLearner(tiny, cfg.ppo, inference_dtype="float32")
+    batch = rollouts(one, count=16, seed=3)
+    for i, r in enumerate(batch):
+        r.prompt_index = i // 4  # 4 prompts, 4 responses each
+    group = launch_learners(cfg, tiny)
+    try:
+        metrics = ray.get(group.update(batch))
+        expected = one.update(batch)
+        assert max_gap(ray.get(group.weights()), one.weights()) < TOL
+        assert metrics["loss/policy"] == pytest.approx(expected["loss/policy"], abs=1e-5)
+    finally:
+        group.kill()
+
+
 def test_two_lora_ranks_serve_the_reference_train_publish_and_checkpoint_as_one(ray_session, tiny, tmp_path):
     cfg = config(lora_rank=4)
     one = PPOLearner(tiny, cfg.ppo, inference_dtype="float32")

@@ -12,8 +12,10 @@ from learner.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
+    aggregate,
     entropy_from_logits,
     gae,
+    grpo_advantages,
     kl_k1,
     logprobs_from_logits,
     make_kl_controller,
@@ -21,6 +23,8 @@ from learner.ppo_math import (
     masked_var,
     masked_whiten,
     policy_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
     shaped_rewards,
     truncated_importance_weights,
     value_loss,
@@ -205,6 +209,52 @@ def test_gae_outputs_carry_no_gradient():
     assert not advantages.requires_grad and not returns.requires_grad
 
 
+# --- critic-free advantages --------------------------------------------------------------------
+
+# Five responses: rows 0-2 answer one prompt (group 7), rows 3-4 another (group 3). Per-token rewards as
+# shaped_rewards gives them (KL penalties, the score on the last token); padding holds NaN.
+GROUP_REWARDS = t([[-0.1, -0.1, 1.2], [0.5, NAN, NAN], [2.0, NAN, NAN], [-0.5, -0.5, NAN], [0.0, 0.0, NAN]])
+GROUP_MASK = t([[1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 0]])
+GROUPS = torch.tensor([7, 7, 7, 3, 3])
+# sequence rewards (row sums): 1.0, 0.5, 2.0, -1.0, 0.0
+
+
+def per_row(advantages: list[float]) -> torch.Tensor:
+    """Each row's advantage on its real tokens, 0 on padding."""
+    return t(advantages).unsqueeze(1) * GROUP_MASK
+
+
+def test_grpo_subtracts_the_group_mean_and_divides_by_the_group_std_when_asked():
+    # group 7: mean 3.5 / 3; group 3: mean -0.5
+    plain = grpo_advantages(GROUP_REWARDS, GROUP_MASK, GROUPS, std_norm=False)
+    assert_close(plain, per_row([-1 / 6, -2 / 3, 5 / 6, -0.5, 0.5]))
+    # unbiased std: group 7 sqrt((1/36 + 16/36 + 25/36) / 2) = sqrt(7/12); group 3 sqrt(0.5)
+    normed = grpo_advantages(GROUP_REWARDS, GROUP_MASK, GROUPS, std_norm=True, eps=0.0)
+    s7, s3 = (7 / 12) ** 0.5, 0.5 ** 0.5
+    assert_close(normed, per_row([-1 / 6 / s7, -2 / 3 / s7, 5 / 6 / s7, -0.5 / s3, 0.5 / s3]))
+
+
+def test_rloo_subtracts_the_mean_of_the_other_responses_to_the_same_prompt():
+    expected = [1.0 - (0.5 + 2.0) / 2, 0.5 - (1.0 + 2.0) / 2, 2.0 - (1.0 + 0.5) / 2, -1.0 - 0.0, 0.0 + 1.0]
+    assert_close(rloo_advantages(GROUP_REWARDS, GROUP_MASK, GROUPS), per_row(expected))
+
+
+def test_group_estimators_need_two_responses_per_prompt():
+    for estimator in (grpo_advantages, rloo_advantages):
+        with pytest.raises(ValueError, match=r"needs at least 2 per prompt, got groups of \[1, 2\]; set "
+                                             r"generation.samples_per_prompt >= 2"):
+            estimator(GROUP_REWARDS[:3], GROUP_MASK[:3], torch.tensor([7, 7, 3]))
+
+
+def test_reinforce_pp_whitens_each_tokens_return_over_the_batch():
+    # returns to the end of each row: 1.0 1.1 1.2 | 0.5 | 2.0 | -1.0 -0.5 | 0.0 0.0
+    returns = t([1.0, 1.1, 1.2, 0.5, 2.0, -1.0, -0.5, 0.0, 0.0])
+    whitened = (returns - returns.mean()) / (returns.var() + 1e-8).sqrt()
+    expected = torch.zeros(5, 3)
+    expected[GROUP_MASK.bool()] = whitened
+    assert_close(reinforce_pp_advantages(GROUP_REWARDS, GROUP_MASK), expected)
+
+
 # --- policy loss -------------------------------------------------------------------------------
 
 
@@ -218,6 +268,15 @@ def _policy_batch():
     logprobs[1, 1] = 49.0
     advantages = t([[1.0, 1.0, -2.0, -1.0], [-1.0, 1e6, 0.0, 0.0]])
     return logprobs, old_logprobs, advantages, mask
+
+
+def test_loss_aggregation_weighs_tokens_as_each_mode_says():
+    per_token = t([[1.0, 2.0, 3.0], [10.0, NAN, NAN]])  # rows of 3 and 1 tokens
+    assert aggregate(per_token, MASK_3_1, "token_mean").item() == pytest.approx(16 / 4)
+    assert aggregate(per_token, MASK_3_1, "seq_mean_token_mean").item() == pytest.approx((2.0 + 10.0) / 2)
+    assert aggregate(per_token, MASK_3_1, "seq_mean_token_sum_norm", horizon=8).item() == pytest.approx(16 / (2 * 8))
+    with pytest.raises(ValueError, match="unknown loss aggregation 'sum'"):
+        aggregate(per_token, MASK_3_1, "sum")
 
 
 def test_policy_loss_clipped_surrogate_and_stats():
