@@ -117,6 +117,12 @@ def read_dataset(path: str, error: type[Exception], holds: str):
     return ds
 
 
+def rows_report(source: str, problems: list[str], total: int, fix: str) -> str:
+    """Every unusable row of a data file in one message: "row N: reason" lines (the first 10) and what to do."""
+    shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+    return f"{source}: {len(problems)} of {total} rows are unusable:\n  {shown}\n{fix}"
+
+
 def encode(rows: list, tokenizer, max_tokens: int, system_prompt: str = "", source: str = "") -> list[Prompt]:
     """Check every row and apply the chat template; all bad rows are reported together, by row number."""
     problems = []
@@ -136,9 +142,8 @@ def encode(rows: list, tokenizer, max_tokens: int, system_prompt: str = "", sour
             continue
         prompts.append(Prompt(index=i, text=text, token_ids=list(ids)))
     if problems:
-        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise PromptDataError(f"{source or 'prompt data'}: {len(problems)} of {len(rows)} rows are unusable:\n  "
-                              f"{shown}\nFix or remove these rows (or raise data.max_prompt_tokens).")
+        raise PromptDataError(rows_report(source or "prompt data", problems, len(rows),
+                                          "Fix or remove these rows (or raise data.max_prompt_tokens)."))
     return prompts
 
 

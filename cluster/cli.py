@@ -22,6 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
+from actors.demonstrations import DemonstrationError
 from actors.prompts import PromptDataError
 from cluster.config import ConfigError, describe, load_config
 from reward_server.preferences import PreferenceDataError
@@ -48,6 +49,18 @@ def make_preferences(args) -> None:
     from cluster.reward_modeling import make_preferences
 
     make_preferences(load_config(args.config, args.overrides), args.out)
+
+
+def make_demos(args) -> None:
+    from cluster.pipeline import make_demos
+
+    make_demos(load_config(args.config, args.overrides), args.out)
+
+
+def sft(args) -> None:
+    from cluster.pipeline import sft_command
+
+    sft_command(load_config(args.config, args.overrides))
 
 
 def train_rm(args) -> None:
@@ -141,6 +154,12 @@ def parser() -> argparse.ArgumentParser:
                           help="sample two responses per prompt, label them with preferences.labeller")
     make.add_argument("--out", default="runs/preferences/pairs.jsonl", help="JSONL file to write (%(default)s)")
     make.set_defaults(func=make_preferences)
+    demos = sub.add_parser("make-demos", parents=[run], help="demonstrations for SFT: the gold-best of "
+                           "sft.demo_samples samples per training prompt (rejection sampling)")
+    demos.add_argument("--out", default="runs/sft/demos.jsonl", help="JSONL file to write (%(default)s)")
+    demos.set_defaults(func=make_demos)
+    sub.add_parser("sft", parents=[run], help="supervised fine-tuning of model.path on the demonstrations in "
+                   "sft.path; saves to sft.output_dir").set_defaults(func=sft)
     sub.add_parser("train-rm", parents=[run], help="train a Bradley-Terry reward model on preferences.path"
                    ).set_defaults(func=train_rm)
     sub.add_parser("west-of-n", parents=[run], help="West-of-N self-training from the reward model in rm.output_dir"
@@ -184,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         args.func(args)
-    except (ConfigError, PromptDataError, PreferenceDataError) as exc:
+    except (ConfigError, PromptDataError, PreferenceDataError, DemonstrationError) as exc:
         print(f"rlhf: {exc}", file=sys.stderr)
         return 2
     except JobHung as exc:

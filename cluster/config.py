@@ -259,6 +259,33 @@ class RewardModelConfig:
 
 
 @dataclass
+class SFTConfig:
+    path: str = opt("", "demonstrations (JSONL/JSON/Parquet/CSV or a Hub dataset): prompt/response columns, or a "
+                        "messages column of role/content dialogues ending with the assistant's reply")
+    eval_path: str = opt("", "held-out demonstrations; empty = hold out sft.eval_fraction of sft.path")
+    eval_fraction: float = opt(0.1, "share of sft.path held out when sft.eval_path is empty", gt=0.0, lt=1.0)
+    prompt_column: str = opt("prompt", "column of the requests (a string or role/content messages)")
+    response_column: str = opt("response", "column of the demonstrated replies")
+    messages_column: str = opt("messages", "column of whole dialogues, read instead of prompt/response when present")
+    on_bad_row: str = opt("error", "a bad row (empty, missing reply, too long): `error` names them all; `skip` "
+                                   "trains without them", choices=("error", "skip"))
+    max_length: int = opt(256, "longest demonstration, prompt (chat template) + reply tokens", ge=16)
+    lr: float = opt(1e-5, "AdamW learning rate", gt=0.0, lt=1.0)
+    epochs: int = opt(2, "passes over the demonstrations", ge=1, le=100)
+    batch_size: int = opt(8, "demonstrations per optimiser step", ge=1)
+    max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0.0)
+    dtype: str = opt("float32", "weight dtype while training", choices=DTYPES)
+    autocast: str = opt("auto", AUTOCAST_HELP, choices=("auto", "none") + DTYPES)
+    device: str = opt("cpu", "training device", choices=("cpu", "cuda"))
+    threads: int = opt(2, "torch CPU threads", ge=1)
+    seed: int = opt(0, "seed of the batch order and the held-out split")
+    output_dir: str = opt("runs/sft", "where the fine-tuned policy (an HF directory for model.path) is saved")
+    demo_samples: int = opt(8, "rlhf make-demos: samples per training prompt; the gold scorer's best is kept",
+                            ge=1, le=64)
+    num_demos: int = opt(256, "rlhf make-demos: demonstrations to make (training prompts, cycled)", ge=1)
+
+
+@dataclass
 class WestOfNConfig:
     n: int = opt(8, "samples per unlabelled prompt; the reward model's best and worst make a pair", ge=2, le=64)
     num_prompts: int = opt(512, "unlabelled prompts per round, cycled from data.path's training split", ge=1)
@@ -282,6 +309,7 @@ class RunConfig:
     preferences: PreferenceConfig = dataclasses.field(default_factory=PreferenceConfig)
     rm: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
     west_of_n: WestOfNConfig = dataclasses.field(default_factory=WestOfNConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
 
     def validate(self) -> "RunConfig":
         for section in dataclasses.fields(self):
@@ -340,7 +368,7 @@ class RunConfig:
     def _resolve_auto_dtypes(self) -> None:
         """`auto` becomes bfloat16 where the device computes it natively, else full precision."""
         for sub, name, full in [(self.generation, "dtype", "float32"), (self.ppo, "autocast", "none"),
-                                (self.rm, "autocast", "none")]:
+                                (self.rm, "autocast", "none"), (self.sft, "autocast", "none")]:
             if getattr(sub, name) == "auto":
                 setattr(sub, name, "bfloat16" if native_bf16(sub.device) else full)
 

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from actors.prompts import read_dataset
+from actors.prompts import read_dataset, rows_report
 
 FORMS = ("explicit", "conversation")
 ROLES = ("user", "assistant", "system")
@@ -26,8 +26,9 @@ class PreferenceDataError(ValueError):
     """The preference data cannot be used as it is; the message names the file, the rows and what to do."""
 
 
-class _BadRow(Exception):
-    """One row is unusable; the message is the reason, without the row number."""
+class BadRow(Exception):
+    """One row is unusable; the message is the reason, without the row number (the preference and the
+    demonstration loaders collect them and report them together)."""
 
 
 @dataclass
@@ -69,16 +70,15 @@ def load_preferences(path: str, *, form: str = "explicit", prompt_column: str = 
                 pair = _explicit_pair(row[prompt_column], row[chosen_column], row[rejected_column])
             else:
                 pair = _conversation_pair(row[chosen_column], row[rejected_column])
-        except _BadRow as exc:
+        except BadRow as exc:
             problems.append(f"row {i}: {exc}")
             continue
         pair.row = i
         pairs.append(pair)
 
     if problems and on_bad_row == "error":
-        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise PreferenceDataError(f"{path}: {len(problems)} of {len(ds)} rows are unusable:\n  {shown}\n"
-                                  f"Fix these rows, or set preferences.on_bad_row=skip to train without them.")
+        raise PreferenceDataError(rows_report(path, problems, len(ds),
+                                              "Fix these rows, or set preferences.on_bad_row=skip to train without them."))
     if not pairs:
         raise PreferenceDataError(f"{path}: none of its {len(ds)} rows is a usable preference pair "
                                   f"(first problem: {problems[0]})")
@@ -132,21 +132,21 @@ def _read(path: str):
 
 def _explicit_pair(prompt, chosen, rejected) -> PreferencePair:
     if isinstance(prompt, list):
-        prompt = _messages(prompt, "prompt")
+        prompt = check_messages(prompt, "prompt")
         if not any(m["content"].strip() for m in prompt):
-            raise _BadRow("prompt has no text in any message")
+            raise BadRow("prompt has no text in any message")
     else:
-        prompt = _text(prompt, "prompt")
-    return PreferencePair(prompt, *_replies(_text(chosen, "chosen"), _text(rejected, "rejected")))
+        prompt = check_text(prompt, "prompt")
+    return PreferencePair(prompt, *_replies(check_text(chosen, "chosen"), check_text(rejected, "rejected")))
 
 
 def _conversation_pair(chosen, rejected) -> PreferencePair:
     chosen_turns, rejected_turns = _dialogue(chosen, "chosen"), _dialogue(rejected, "rejected")
     prefix = chosen_turns[:-1]
     if prefix != rejected_turns[:-1]:
-        raise _BadRow("chosen and rejected dialogues differ before their final assistant turn")
+        raise BadRow("chosen and rejected dialogues differ before their final assistant turn")
     if not any(m["content"].strip() for m in prefix):
-        raise _BadRow("the dialogue has no turn before the final assistant reply")
+        raise BadRow("the dialogue has no turn before the final assistant reply")
     prompt = prefix[0]["content"] if len(prefix) == 1 and prefix[0]["role"] == "user" else prefix
     return PreferencePair(prompt, *_replies(chosen_turns[-1]["content"], rejected_turns[-1]["content"]))
 
@@ -154,30 +154,30 @@ def _conversation_pair(chosen, rejected) -> PreferencePair:
 def _replies(chosen: str, rejected: str) -> tuple[str, str]:
     for name, text in (("chosen", chosen), ("rejected", rejected)):
         if not text.strip():
-            raise _BadRow(f"{name} reply is empty")
+            raise BadRow(f"{name} reply is empty")
     if chosen.strip() == rejected.strip():
-        raise _BadRow("chosen and rejected replies are identical")
+        raise BadRow("chosen and rejected replies are identical")
     return chosen, rejected
 
 
-def _text(value, name: str) -> str:
+def check_text(value, name: str) -> str:
     if value is None:
-        raise _BadRow(f"{name} is missing")
+        raise BadRow(f"{name} is missing")
     if not isinstance(value, str):
-        raise _BadRow(f"{name} is {type(value).__name__}, not a string")
+        raise BadRow(f"{name} is {type(value).__name__}, not a string")
     if not value.strip():
-        raise _BadRow(f"{name} is empty")
+        raise BadRow(f"{name} is empty")
     return value
 
 
-def _messages(value: list, name: str) -> list[dict]:
+def check_messages(value: list, name: str) -> list[dict]:
     """Role/content messages only: columnar files give every message each key any message has, as None."""
     if not value:
-        raise _BadRow(f"{name} is an empty list of messages")
+        raise BadRow(f"{name} is an empty list of messages")
     messages = []
     for j, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise _BadRow(f"{name} message {j} is not {{'role': one of {ROLES}, 'content': str}}: {str(m)[:80]}")
+            raise BadRow(f"{name} message {j} is not {{'role': one of {ROLES}, 'content': str}}: {str(m)[:80]}")
         messages.append({"role": m["role"], "content": m["content"]})
     return messages
 
@@ -185,16 +185,16 @@ def _messages(value: list, name: str) -> list[dict]:
 def _dialogue(value, name: str) -> list[dict]:
     """A whole dialogue as messages, from HH text or a message list; it must end with the assistant."""
     if value is None:
-        raise _BadRow(f"{name} is missing")
+        raise BadRow(f"{name} is missing")
     if isinstance(value, str):
         parts = HH_TURN.split(value)  # [before, role, text, role, text, ...]
         if len(parts) < 3 or parts[0].strip():
-            raise _BadRow(f"{name} is not HH text made of '\\n\\nHuman:' and '\\n\\nAssistant:' turns")
+            raise BadRow(f"{name} is not HH text made of '\\n\\nHuman:' and '\\n\\nAssistant:' turns")
         messages = [{"role": HH_ROLES[r], "content": t.strip()} for r, t in zip(parts[1::2], parts[2::2])]
     elif isinstance(value, list):
-        messages = _messages(value, name)
+        messages = check_messages(value, name)
     else:
-        raise _BadRow(f"{name} is {type(value).__name__}, not HH text or a list of messages")
+        raise BadRow(f"{name} is {type(value).__name__}, not HH text or a list of messages")
     if messages[-1]["role"] != "assistant":
-        raise _BadRow(f"{name} does not end with an assistant turn")
+        raise BadRow(f"{name} does not end with an assistant turn")
     return messages

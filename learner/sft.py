@@ -1,0 +1,150 @@
+"""Supervised fine-tuning on demonstrations (`rlhf sft`): the first stage of the RLHF recipe.
+
+Demonstrations (actors/demonstrations.py) become the policy's own token layout:
+the prompt with the chat template and its generation prompt, as the generation workers see it, then the
+reply's tokens and EOS, as they would sample it. The loss is the mean negative log-likelihood of the reply
+tokens only: the prompt is context, not a target. The result is an HF directory that `model.path` takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from actors.demonstrations import Demonstration, DemonstrationError, load_demonstrations, raise_or_skip
+from actors.rollout import pad
+from learner.forward import autocast, response_forward, torch_dtype
+from learner.metrics import Progress
+from learner.ppo_math import logprobs_from_logits, masked_mean
+from reward_server.preferences import split_pairs
+
+if TYPE_CHECKING:
+    from cluster.config import SFTConfig
+
+log = logging.getLogger(__name__)
+
+
+def encode(demos: list[Demonstration], tokenizer, max_length: int, source: str,
+           on_bad_row: str = "error") -> list[tuple[list[int], list[int]]]:
+    """(prompt ids with the chat template and generation prompt, reply ids + EOS) per demonstration; one
+    over `max_length` tokens is a bad row."""
+    encoded, problems = [], []
+    for demo in demos:
+        messages = [{"role": "user", "content": demo.prompt}] if isinstance(demo.prompt, str) else demo.prompt
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):
+            prompt = prompt["input_ids"]
+        response = tokenizer(demo.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(prompt) + len(response) > max_length:
+            problems.append(f"row {demo.row}: {len(prompt)} prompt + {len(response)} reply tokens, over "
+                            f"sft.max_length = {max_length}")
+            continue
+        encoded.append((list(prompt), response))
+    raise_or_skip(source, problems, len(demos), on_bad_row)
+    return encoded
+
+
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood over the reply tokens of a batch (B, T): every reply token weighs the
+    same; padding (mask 0) counts for nothing, whatever it holds."""
+    return -masked_mean(logprobs, mask)
+
+
+class SFTTrainer:
+    def __init__(self, model_path: str, cfg: SFTConfig):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(cfg.seed)
+        torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(cfg.dtype)).to(self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = self.model.config.pad_token_id or 0
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+
+    def nll(self, examples: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, int]:
+        """(mean NLL of the reply tokens, their number) of a batch of encoded demonstrations."""
+        input_ids, attention_mask, response_ids, mask = pad([p for p, _ in examples], [r for _, r in examples],
+                                                            self.pad_id)
+        with autocast(self.device, self.cfg.autocast):
+            logits, _ = response_forward(self.model, input_ids.to(self.device), attention_mask.to(self.device),
+                                         response_ids.shape[1], 1.0)
+        mask = mask.to(self.device)
+        logprobs = logprobs_from_logits(logits, response_ids.to(self.device))
+        return sft_loss(logprobs, mask), int(mask.sum().item())
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[tuple[list[int], list[int]]]) -> dict[str, float]:
+        """Held-out NLL per reply token and its perplexity."""
+        self.model.eval()
+        total, tokens = 0.0, 0
+        for start in range(0, len(examples), self.cfg.batch_size):
+            loss, n = self.nll(examples[start:start + self.cfg.batch_size])
+            total, tokens = total + loss.item() * n, tokens + n
+        nll = total / max(tokens, 1)
+        return {"eval/loss": nll, "eval/perplexity": math.exp(nll)}
+
+    def train(self, train: list[tuple[list[int], list[int]]], held_out: list[tuple[list[int], list[int]]]) -> list[dict]:
+        """`sft.epochs` passes in shuffled batches; the held-out loss before training and after each epoch."""
+        cfg = self.cfg
+        rng = random.Random(cfg.seed)
+        history = [{"epoch": 0, **self.evaluate(held_out)}]
+        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        progress = Progress("sft", steps_per_epoch * cfg.epochs, "steps", every_s=30.0)
+        for epoch in range(1, cfg.epochs + 1):
+            self.model.train()
+            order = list(train)
+            rng.shuffle(order)
+            losses = []
+            for start in range(0, len(order), cfg.batch_size):
+                loss, _ = self.nll(order[start:start + cfg.batch_size])
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                losses.append(loss.item())
+                progress.advance(1, f"loss {loss.item():.3f}")
+            history.append({"epoch": epoch, "train/loss": sum(losses) / len(losses), **self.evaluate(held_out)})
+            log.info("sft epoch %d: %s", epoch, history[-1])
+        return history
+
+    def save(self, path: str) -> str:
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        return str(out)
+
+
+def split(demos: list[Demonstration], cfg: SFTConfig) -> tuple[list[Demonstration], list[Demonstration]]:
+    """(train, held-out): `sft.eval_path`'s demonstrations, else `sft.eval_fraction` of `sft.path`'s."""
+    if cfg.eval_path:
+        return demos, _load_logged(cfg.eval_path, cfg)
+    return split_pairs(demos, cfg.eval_fraction, cfg.seed)
+
+
+def _load_logged(path: str, cfg: SFTConfig) -> list[Demonstration]:
+    demos, skipped = load_demonstrations(path, cfg)
+    if skipped:
+        log.warning("%s: skipped %d bad rows (sft.on_bad_row=skip), e.g. %s", path, len(skipped), "; ".join(skipped[:3]))
+    return demos
+
+
+def run_sft(model_path: str, cfg: SFTConfig) -> tuple[str, list[dict]]:
+    """`rlhf sft`: fine-tune the policy at `model_path` on `sft.path`, save it to `sft.output_dir`."""
+    if not cfg.path:
+        raise DemonstrationError("sft.path is empty: give a demonstration file (prompt/response columns or a "
+                                 "messages column), or make one with `rlhf make-demos`")
+    train, held_out = split(_load_logged(cfg.path, cfg), cfg)
+    trainer = SFTTrainer(model_path, cfg)
+    train_ids = encode(train, trainer.tokenizer, cfg.max_length, cfg.path, cfg.on_bad_row)
+    held_out_ids = encode(held_out, trainer.tokenizer, cfg.max_length, cfg.eval_path or cfg.path, cfg.on_bad_row)
+    log.info("sft: %d demonstrations, %d held out -> %s", len(train_ids), len(held_out_ids), cfg.output_dir)
+    history = trainer.train(train_ids, held_out_ids)
+    return trainer.save(cfg.output_dir), history
