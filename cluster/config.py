@@ -136,6 +136,10 @@ class PPOConfig:
                                 "`rloo` (leave-one-out baseline: needs samples_per_prompt >= 2), `reinforce_pp` "
                                 "(REINFORCE++: returns normalised over the batch). Critic-free: no value head",
                          choices=("gae", "grpo", "rloo", "reinforce_pp"))
+    ptx_coef: float = opt(0.0, "PPO-ptx (InstructGPT): weight of the log-likelihood of ppo.ptx_path's replies "
+                               "mixed into every PPO minibatch; 0 = off", ge=0.0)
+    ptx_path: str = opt("", "PPO-ptx data: demonstrations, read as sft.path is (sft.*_column)")
+    ptx_batch_size: int = opt(8, "PPO-ptx demonstrations per minibatch step (cycled)", ge=1)
     grpo_std_norm: bool = opt(True, "grpo: divide by the group's reward std (false = Dr. GRPO's unnormalised form)")
     loss_agg: str = opt("token_mean", "how the policy loss averages tokens: `token_mean` over the minibatch's "
                                       "tokens; `seq_mean_token_mean` per response, then over responses (GRPO's "
@@ -193,6 +197,8 @@ class TrainConfig:
     eval_every: int = opt(10, "evaluate on held-out prompts every k steps (and at start and end)", ge=1)
     eval_temperature: float = opt(1.0, "sampling temperature of the evaluation", gt=0.0)
     eval_samples: int = opt(2, "responses sampled per held-out prompt in an evaluation", ge=1)
+    eval_demos: str = opt("", "held-out demonstrations (as sft.path): each evaluation also reports the "
+                              "policy's perplexity on their replies (the alignment tax of RL; PPO-ptx)")
     gold_scorer: str = opt("vader", "scorer of the held-out evaluation (same forms as reward.scorer)")
     sample_table_every: int = opt(10, "log a W&B table of sample generations every k steps", ge=1)
     output_dir: str = opt("runs/default", "where metrics, the checkpoint and the W&B run go")
@@ -323,6 +329,9 @@ class RunConfig:
                 f"(train.prompts_per_step * generation.samples_per_prompt = "
                 f"{self.train.prompts_per_step * self.generation.samples_per_prompt}); lower it")
         self._check_learner_group()
+        if self.ppo.ptx_coef > 0 and not self.ppo.ptx_path:
+            raise ConfigError(f"ppo.ptx_coef = {self.ppo.ptx_coef} mixes demonstrations into PPO: set ppo.ptx_path to "
+                              f"a demonstration file (make one with `rlhf make-demos`), or ppo.ptx_coef=0")
         if self.ppo.advantage in ("grpo", "rloo") and self.generation.samples_per_prompt < 2:
             raise ConfigError(f"ppo.advantage = {self.ppo.advantage} compares the responses to one prompt with each "
                               f"other: set generation.samples_per_prompt >= 2 (it is "

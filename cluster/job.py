@@ -29,6 +29,7 @@ from cluster.models import resolve_model
 from cluster.monitoring import JobMetrics, MemoryWatch
 from cluster.stacks import actor_stack
 from learner.metrics import RunLogger
+from learner.sft import encoded_demonstrations
 from learner.train import Loop, evaluate, publish_weights, run_steps
 from reward_server.client import RewardClient
 from reward_server.scorers import make_scorer
@@ -71,6 +72,8 @@ class Job:
     model_path: str
     train_prompts: list[Prompt]
     eval_prompts: list[Prompt]
+    ptx: list  # PPO-ptx demonstrations, encoded (prompt ids, reply ids)
+    eval_demos: list  # held-out demonstrations whose perplexity each evaluation reports, encoded
     started: float  # time.perf_counter() at the start
     memory: MemoryWatch
     gauges: JobMetrics
@@ -88,12 +91,15 @@ def train(cfg: RunConfig) -> dict:
                           f"and west-of-n")
     started, memory = time.perf_counter(), MemoryWatch()
     model_path = resolve_model(cfg.model.path)
-    train_prompts, eval_prompts = load_prompts(cfg.data, AutoTokenizer.from_pretrained(model_path))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train_prompts, eval_prompts = load_prompts(cfg.data, tokenizer)
     log.info("%d training prompts, %d held-out prompts from %s", len(train_prompts), len(eval_prompts),
              cfg.data.path)
+    ptx = encoded_demonstrations(cfg.ppo.ptx_path, cfg.sft, tokenizer) if cfg.ppo.ptx_coef > 0 else []
+    eval_demos = encoded_demonstrations(cfg.train.eval_demos, cfg.sft, tokenizer) if cfg.train.eval_demos else []
     resume = checkpoint.resume_from(cfg.train.resume, cfg.train.output_dir)
     start_ray(cfg.train)
-    job = Job(cfg, model_path, train_prompts, eval_prompts, started, memory,
+    job = Job(cfg, model_path, train_prompts, eval_prompts, ptx, eval_demos, started, memory,
               JobMetrics(Path(cfg.train.output_dir).name), GracefulStop())
     try:
         for attempt in range(cfg.train.max_learner_restarts + 1):
@@ -116,7 +122,7 @@ def _attempt(job: Job, resume: Path | None, attempt: int) -> dict:
     """Launch the roles, run the steps left, stop the roles."""
     cfg = job.cfg
     watchdog = Watchdog(cfg.train.hang_timeout_s)
-    roles = launch_roles(cfg, job.model_path, watchdog)
+    roles = launch_roles(cfg, job.model_path, watchdog, ptx=job.ptx)
     control, loop = start_control(), None
     try:
         link = ControlLink(control, status=lambda: stream.status(), workers=lambda: len(roles.pool.workers),
@@ -161,8 +167,9 @@ def _start_loop(job: Job, roles: Roles, stream: RolloutStream, resume: Path | No
         return path
 
     loop = Loop(cfg, stream, roles.learner, roles.reference, job.eval_prompts, make_scorer(cfg.train.gold_scorer),
-                logger, save_checkpoint, stop_requested=lambda: job.stop.requested is not None,
-                record=job.gauges.record, step=meta.get("step", 0))
+                logger, save_checkpoint, eval_demos=job.eval_demos,
+                stop_requested=lambda: job.stop.requested is not None, record=job.gauges.record,
+                step=meta.get("step", 0))
     if resume is not None:
         loop.before, loop.after = meta["before"], meta.get("after", meta["before"])
         print(f"resumed from {resume} (step {meta['step']}, policy version {stream.learner_version})", flush=True)
@@ -239,7 +246,9 @@ def _after_training(before: dict, after: dict) -> dict:
             "eval/gold_reward_gain": after["eval/gold_reward_mean"] - before["eval/gold_reward_mean"],
             "eval/proxy_reward_after": after["eval/proxy_reward_mean"],
             "eval/kl_after": after["eval/kl_mean"],
-            "eval/after_policy_version": after["eval/policy_version"]}
+            "eval/after_policy_version": after["eval/policy_version"],
+            **({"eval/demo_perplexity_before": before["eval/demo_perplexity"],
+                "eval/demo_perplexity_after": after["eval/demo_perplexity"]} if "eval/demo_perplexity" in after else {})}
 
 
 def print_summary(summary: dict) -> None:

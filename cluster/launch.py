@@ -59,10 +59,11 @@ def start_ray(train_cfg) -> None:
     log.info("Ray cluster: %s", ray.cluster_resources())
 
 
-def launch_roles(cfg, model_path: str, watchdog: Watchdog) -> Roles:
+def launch_roles(cfg, model_path: str, watchdog: Watchdog, ptx: list | None = None) -> Roles:
+    """Every role of a PPO job; `ptx`: the learner's PPO-ptx demonstrations, encoded."""
     gen, ref, ppo = cfg.generation, cfg.reference, cfg.ppo
     pool = launch_pool(cfg, model_path, watchdog)
-    learner = launch_learners(cfg, model_path)
+    learner = launch_learners(cfg, model_path, ptx)
     if ppo.lora_rank:  # the base with adapters off, in the learner: no second copy of the model
         reference = learner
     else:
@@ -85,7 +86,7 @@ def launch_roles(cfg, model_path: str, watchdog: Watchdog) -> Roles:
 PLACEMENT_TIMEOUT_S = 120.0
 
 
-def launch_learners(cfg, model_path: str) -> LearnerGroup:
+def launch_learners(cfg, model_path: str, ptx: list | None = None) -> LearnerGroup:
     """`ppo.num_learners` learner ranks, named `learner` (rank 0) and `learner-<rank>`, in one placement group
     (one bundle per rank, packed or spread as `ppo.placement` says), joined in one process group. A group
     that the cluster cannot hold fails here, saying what is missing."""
@@ -111,7 +112,7 @@ def launch_learners(cfg, model_path: str) -> LearnerGroup:
         name="learner" if i == 0 else f"learner-{i}", num_cpus=ppo.num_cpus, num_gpus=ppo.num_gpus,
         resources=role_resources(cfg, "learner"), scheduling_strategy=in_bundle[i],
     ).remote(model_path, ppo, temperature=gen.temperature, inference_dtype=gen.dtype, rank=i,
-             world_size=ppo.num_learners, rendezvous=rendezvous, max_new_tokens=gen.max_new_tokens)
+             world_size=ppo.num_learners, rendezvous=rendezvous, max_new_tokens=gen.max_new_tokens, ptx=ptx)
         for i in range(ppo.num_learners)]
     return LearnerGroup(ranks, group)
 

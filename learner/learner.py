@@ -26,6 +26,7 @@ from actors.weights import BucketWriter, PublishedWeights
 from learner import distributed, lora, ppo_math
 from learner.distributed import PolicyWithValue
 from learner.forward import autocast, token_logprobs, torch_dtype
+from learner.sft import held_out_nll, reply_nll
 
 if TYPE_CHECKING:
     from cluster.config import PPOConfig
@@ -33,15 +34,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _whole_model(model: PolicyWithValue, *args):
+    """PolicyWithValue's own forward (the FSDP root's, when sharded), as the `forward` of the shared helpers."""
+    return model(*args)
+
+
 class PPOLearner:
     def __init__(self, model_path: str, cfg: PPOConfig, *, temperature: float = 1.0, inference_dtype: str = "bfloat16",
-                 rank: int = 0, world_size: int = 1, rendezvous: str | None = None, max_new_tokens: int | None = None):
+                 rank: int = 0, world_size: int = 1, rendezvous: str | None = None, max_new_tokens: int | None = None,
+                 ptx: list[tuple[list[int], list[int]]] | None = None):
         """`cfg` is the run's PPOConfig; `temperature` the rollouts' sampling temperature and `max_new_tokens`
         their length limit (the constant of `ppo.loss_agg=seq_mean_token_sum_norm`); `inference_dtype`
         the generation workers' weight dtype, in which `publish()` sends the weights. As rank `rank` of a learner
         group of `world_size` (learner/learner_group.py), it joins the group's process group at `rendezvous`
         and, with more than one rank, holds its shards of the model (learner/distributed.py). With
-        `cfg.lora_rank` it trains LoRA adapters (learner/lora.py) and serves the reference log-probs."""
+        `cfg.lora_rank` it trains LoRA adapters (learner/lora.py) and serves the reference log-probs. `ptx`:
+        encoded demonstrations (prompt ids, reply ids) whose log-likelihood `cfg.ptx_coef` mixes into every
+        minibatch (PPO-ptx)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(cfg.seed)
@@ -77,6 +86,7 @@ class PPOLearner:
         self.version = 0
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.transfer = None  # vLLM's NCCL weight-transfer engine, once `open_weight_transfer` has run
+        self.ptx, self.ptx_next = (ptx or []) if cfg.ptx_coef > 0 else [], 0
 
     def _forward(self, mb: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logprobs (B, T), values (B, T), logits (B, T, V)) of a minibatch's response tokens; log-probs
@@ -202,6 +212,11 @@ class PPOLearner:
             loss = loss + self.cfg.vf_coef * vf_loss
             scaled = scaled + self.cfg.vf_coef * vf_loss * share.to(self.device)
             vf_stats = {"loss/value": vf_loss, "value/clip_frac": vf_stats["clip_frac"]}
+        if self.ptx:
+            ptx_loss, ptx_share = self._ptx_loss()
+            loss = loss + self.cfg.ptx_coef * ptx_loss
+            scaled = scaled + self.cfg.ptx_coef * ptx_loss * ptx_share
+            vf_stats["loss/ptx"] = ptx_loss
         self.optimizer.zero_grad(set_to_none=True)
         scaled.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), self.cfg.max_grad_norm)
@@ -215,6 +230,24 @@ class PPOLearner:
             values = torch.stack([v.detach().float() for v in stats.values()]) * share.to(self.device) / self.world
             values = distributed.sum_across_ranks(values).tolist()
         return {**dict(zip(stats, values)), "grad/norm": distributed.local(grad_norm).item()}
+
+    def _ptx_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NLL of the reply tokens of this rank's share of the next `ppo.ptx_batch_size` demonstrations, the
+        share's weight in a learner group), the demonstrations cycled in order."""
+        size = self.cfg.ptx_batch_size
+        batch = [self.ptx[(self.ptx_next + i) % len(self.ptx)] for i in range(size)]
+        self.ptx_next = (self.ptx_next + size) % len(self.ptx)
+        mine = [batch[i] for i in self._my_rows(torch.arange(size)).tolist()]
+        loss, tokens = reply_nll(self.model, mine, self.pad_id, self.cfg.autocast, forward=_whole_model)
+        total = sum(len(reply) for _, reply in batch)
+        return loss, torch.tensor(self.world * tokens / total, device=self.device)
+
+    def perplexity(self, examples: list[tuple[list[int], list[int]]]) -> dict[str, float]:
+        """The policy's NLL per reply token of held-out demonstrations and its perplexity (every rank of a
+        group computes them all, as a sharded forward needs)."""
+        self.policy.eval()
+        return held_out_nll(self.model, examples, self.pad_id, self.cfg.autocast, self.cfg.minibatch_size,
+                            forward=_whole_model)
 
     @torch.no_grad()
     def publish(self) -> PublishedWeights | None:
@@ -291,7 +324,7 @@ class PPOLearner:
         with self.policy.disable_adapter():
             return token_logprobs(self.model, prompt_ids, response_ids, pad_id=self.pad_id,
                                   temperature=temperature or self.temperature, autocast_dtype=self.cfg.autocast,
-                                  forward=lambda model, *args: model(*args))
+                                  forward=_whole_model)
 
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Per-token log-probs of given responses (temperature 1) under the learner's weights (for tests that

@@ -62,6 +62,10 @@ class LearnerGroup:
         """`ppo.weight_transfer=nccl`: the NCCL group between rank 0 and the generation workers."""
         return self._all("open_weight_transfer", workers)
 
+    def perplexity(self, examples: list) -> ray.ObjectRef:
+        """The policy's perplexity on the replies of encoded held-out demonstrations -> {eval/loss, eval/perplexity}."""
+        return self._all("perplexity", examples)
+
     def weights(self) -> ray.ObjectRef:
         """The whole policy in the workers' dtype as one state dict, gathered on rank 0 (for tests)."""
         return self._all("weights")

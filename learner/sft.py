@@ -55,6 +55,31 @@ def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -masked_mean(logprobs, mask)
 
 
+def reply_nll(model, examples: list[tuple[list[int], list[int]]], pad_id: int, autocast_dtype: str,
+              forward=response_forward) -> tuple[torch.Tensor, int]:
+    """(mean NLL of the reply tokens, their number) of encoded demonstrations under `model`, at temperature 1.
+    `forward(model, input_ids, attention_mask, reply_len, temperature)` -> (logits, _) runs the model
+    (default: response_forward on an HF causal LM)."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask, reply_ids, mask = pad([p for p, _ in examples], [r for _, r in examples], pad_id)
+    with autocast(device, autocast_dtype):
+        logits, _ = forward(model, input_ids.to(device), attention_mask.to(device), reply_ids.shape[1], 1.0)
+    mask = mask.to(device)
+    return sft_loss(logprobs_from_logits(logits, reply_ids.to(device)), mask), int(mask.sum().item())
+
+
+@torch.no_grad()
+def held_out_nll(model, examples: list[tuple[list[int], list[int]]], pad_id: int, autocast_dtype: str,
+                 batch_size: int = 16, forward=response_forward) -> dict[str, float]:
+    """NLL per reply token over all of `examples` (token-weighted across batches) and its perplexity."""
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        loss, n = reply_nll(model, examples[start:start + batch_size], pad_id, autocast_dtype, forward)
+        total, tokens = total + loss.item() * n, tokens + n
+    nll = total / max(tokens, 1)
+    return {"eval/loss": nll, "eval/perplexity": math.exp(nll)}
+
+
 class SFTTrainer:
     def __init__(self, model_path: str, cfg: SFTConfig):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,25 +95,12 @@ class SFTTrainer:
 
     def nll(self, examples: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, int]:
         """(mean NLL of the reply tokens, their number) of a batch of encoded demonstrations."""
-        input_ids, attention_mask, response_ids, mask = pad([p for p, _ in examples], [r for _, r in examples],
-                                                            self.pad_id)
-        with autocast(self.device, self.cfg.autocast):
-            logits, _ = response_forward(self.model, input_ids.to(self.device), attention_mask.to(self.device),
-                                         response_ids.shape[1], 1.0)
-        mask = mask.to(self.device)
-        logprobs = logprobs_from_logits(logits, response_ids.to(self.device))
-        return sft_loss(logprobs, mask), int(mask.sum().item())
+        return reply_nll(self.model, examples, self.pad_id, self.cfg.autocast)
 
-    @torch.no_grad()
     def evaluate(self, examples: list[tuple[list[int], list[int]]]) -> dict[str, float]:
         """Held-out NLL per reply token and its perplexity."""
         self.model.eval()
-        total, tokens = 0.0, 0
-        for start in range(0, len(examples), self.cfg.batch_size):
-            loss, n = self.nll(examples[start:start + self.cfg.batch_size])
-            total, tokens = total + loss.item() * n, tokens + n
-        nll = total / max(tokens, 1)
-        return {"eval/loss": nll, "eval/perplexity": math.exp(nll)}
+        return held_out_nll(self.model, examples, self.pad_id, self.cfg.autocast, self.cfg.batch_size)
 
     def train(self, train: list[tuple[list[int], list[int]]], held_out: list[tuple[list[int], list[int]]]) -> list[dict]:
         """`sft.epochs` passes in shuffled batches; the held-out loss before training and after each epoch."""
@@ -134,6 +146,11 @@ def _load_logged(path: str, cfg: SFTConfig) -> list[Demonstration]:
     if skipped:
         log.warning("%s: skipped %d bad rows (sft.on_bad_row=skip), e.g. %s", path, len(skipped), "; ".join(skipped[:3]))
     return demos
+
+
+def encoded_demonstrations(path: str, cfg: SFTConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """The demonstrations of `path` (read as `sft.*` says), as (prompt ids, reply ids) in the policy's layout."""
+    return encode(_load_logged(path, cfg), tokenizer, cfg.max_length, path, cfg.on_bad_row)
 
 
 def run_sft(model_path: str, cfg: SFTConfig) -> tuple[str, list[dict]]:

@@ -83,6 +83,7 @@ class Loop:
     gold: Scorer  # the held-out evaluation's judge
     logger: RunLogger
     save_checkpoint: Callable[..., Path]  # (step[, watchdog]) -> a resumable checkpoint written after the step
+    eval_demos: list  # held-out demonstrations, encoded: each evaluation reports the policy's perplexity on them
     stop_requested: Callable[[], bool]  # SIGTERM or Ctrl-C: stop after this step, with a checkpoint
     record: Callable[[dict], None]  # sets the job's Ray gauges from a step's metrics
     before: dict = field(default_factory=dict)  # held-out figures before training
@@ -135,7 +136,11 @@ def evaluate(loop: Loop) -> dict:
                                            train.eval_temperature), "reference", "ref_logprobs")
     scores = score_checked(loop.gold, prompt_texts, responses)
     kls = [sum(a - b for a, b in zip(r.logprobs, ref)) for r, ref in zip(rollouts, ref_logprobs)]
-    return {"eval/gold_reward_mean": statistics.mean(scores),
+    demos = {}
+    if loop.eval_demos:  # the alignment tax: how much less likely the policy finds demonstrated replies
+        demos = stream.wait(loop.learner.perplexity(loop.eval_demos), "learner", "perplexity")
+        demos = {"eval/demo_nll": demos["eval/loss"], "eval/demo_perplexity": demos["eval/perplexity"]}
+    return {**demos, "eval/gold_reward_mean": statistics.mean(scores),
             "eval/gold_reward_std": statistics.pstdev(scores),
             "eval/proxy_reward_mean": statistics.mean(stream.reward.result(proxy)),
             "eval/kl_mean": statistics.mean(kls),

@@ -146,3 +146,26 @@ def test_critic_free_estimators_train_without_a_value_head_toward_the_better_res
     after = learner.logprobs([r.prompt_ids for r in batch], [r.response_ids for r in batch])
     change = [sum(a) - sum(b) for a, b in zip(after, before)]
     assert all(c > 0 for c in change[0::2]) and all(c < 0 for c in change[1::2])  # better up, worse down
+
+
+def test_ppo_ptx_mixes_the_demonstrations_log_likelihood_into_each_step(tiny):
+    from learner.sft import held_out_nll
+
+    plain = make_learner(tiny, lr=1e-3)
+    batch = rollouts(plain)
+    ptx = [([5, 6, 7], [9, 10, 11, 2]), ([12, 13], [14, 15, 2])]
+    mixed = make_learner(tiny, lr=1e-3, ptx_coef=2.0, ptx_path="demos.jsonl", ptx_batch_size=2)
+    mixed.ptx = ptx
+    before = held_out_nll(mixed.policy, ptx, mixed.pad_id, "none")["eval/loss"]
+    metrics = mixed.update(batch)  # one minibatch of 8: one step
+    # the mix, by hand: the PPO terms plus ptx_coef times the demonstrations' NLL before the step
+    assert metrics["loss/ptx"] == pytest.approx(before, abs=1e-5)
+    assert metrics["loss/total"] == pytest.approx(metrics["loss/policy"] + 0.1 * metrics["loss/value"]
+                                                  + 2.0 * metrics["loss/ptx"], abs=1e-5)
+    assert "loss/ptx" not in plain.update(batch)
+    for _ in range(3):
+        plain.update(batch), mixed.update(batch)
+    after = {name: held_out_nll(m.policy, ptx, m.pad_id, "none")["eval/loss"] for name, m in [("plain", plain),
+                                                                                               ("mixed", mixed)]}
+    assert after["mixed"] < before - 0.05 and after["mixed"] < after["plain"] - 0.05
+    assert mixed.perplexity(ptx)["eval/loss"] == pytest.approx(after["mixed"], abs=1e-5)

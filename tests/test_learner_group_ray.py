@@ -75,19 +75,23 @@ def test_two_ranks_train_as_one_and_checkpoints_reshard(ray_session, tiny, tmp_p
         group.kill()
 
 
-def test_two_ranks_train_as_one_with_grpo_and_a_per_response_loss(ray_session, tiny):
-    """No value head, and a loss averaged over responses: each rank's share is its rows, not its tokens."""
-    cfg = config(advantage="grpo", loss_agg="seq_mean_token_mean")
-    one = PPOLearner(tiny, cfg.ppo, inference_dtype="float32")
+def test_two_ranks_train_as_one_with_grpo_a_per_response_loss_and_ptx(ray_session, tiny):
+    """No value head, and a loss averaged over responses (each rank's share is its rows, not its tokens),
+    with PPO-ptx's demonstrations split over the ranks too."""
+    cfg = config(advantage="grpo", loss_agg="seq_mean_token_mean", ptx_coef=0.5, ptx_path="demos.jsonl",
+                 ptx_batch_size=4)
+    ptx = [([5, 6, 7], [9, 10, 11, 2]), ([12, 13], [14, 2]), ([16], [17, 18, 19, 20, 2]), ([21, 22], [23, 2])]
+    one = PPOLearner(tiny, cfg.ppo, inference_dtype="float32", ptx=ptx)
     batch = rollouts(one, count=16, seed=3)
     for i, r in enumerate(batch):
         r.prompt_index = i // 4  # 4 prompts, 4 responses each
-    group = launch_learners(cfg, tiny)
+    group = launch_learners(cfg, tiny, ptx)
     try:
         metrics = ray.get(group.update(batch))
         expected = one.update(batch)
         assert max_gap(ray.get(group.weights()), one.weights()) < TOL
         assert metrics["loss/policy"] == pytest.approx(expected["loss/policy"], abs=1e-5)
+        assert metrics["loss/ptx"] == pytest.approx(expected["loss/ptx"], abs=1e-5)
     finally:
         group.kill()
 

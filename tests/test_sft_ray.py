@@ -1,5 +1,5 @@
 """Rejection-sampling fine-tuning end to end with the tiny model and real vLLM: `rlhf make-demos` keeps the
-gold-best sample per prompt, `rlhf sft` trains on them, and a PPO job starts from the result."""
+gold-best sample per prompt, `rlhf sft` trains on them, and a PPO job with PPO-ptx starts from the result."""
 
 import json
 
@@ -23,8 +23,11 @@ def test_demos_from_the_policy_train_an_sft_model_that_ppo_starts_from(ray_sessi
     assert main(["sft", "--config", str(TINY), f"sft.path={demos}", f"sft.output_dir={out}", "sft.epochs=1",
                  "sft.eval_fraction=0.34", "sft.threads=1"]) == 0
     assert f"train from it with model.path={out}" in capsys.readouterr().out
-    summary, _ = run(tmp_path / "ppo", f"model.path={out}", "train.steps=1")
+    # PPO from the SFT model, with PPO-ptx on the demonstrations and their perplexity at each evaluation
+    summary, steps = run(tmp_path / "ppo", f"model.path={out}", "train.steps=1", "ppo.ptx_coef=0.5",
+                         f"ppo.ptx_path={demos}", f"train.eval_demos={demos}")
     assert summary["policy_version"] == 1
+    assert steps[1]["loss/ptx"] > 0 and summary["eval/demo_perplexity_after"] > 1
 
 
 def test_sft_without_demonstrations_says_what_to_give(capsys):
