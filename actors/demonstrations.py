@@ -58,11 +58,13 @@ def load_demonstrations(path: str, cfg: SFTConfig) -> tuple[list[Demonstration],
     return demos, problems
 
 
-def raise_or_skip(source: str, problems: list[str], total: int, on_bad_row: str) -> None:
-    """With `on_bad_row=error`, every problem row of `source` in one DemonstrationError."""
+def raise_or_skip(source: str, problems: list[str], total: int, on_bad_row: str, setting: str = "sft.on_bad_row",
+                  error: type[Exception] = DemonstrationError) -> None:
+    """With `on_bad_row=error`, every problem row of `source` in one `error`, which names the config's
+    `setting` that would skip them."""
     if problems and on_bad_row == "error":
-        raise DemonstrationError(rows_report(source, problems, total,
-                                             "Fix these rows, or set sft.on_bad_row=skip to train without them."))
+        raise error(rows_report(source, problems, total, f"Fix these rows, or set {setting}=skip to train without "
+                                                         f"them."))
 
 
 def _from_columns(prompt, response) -> Demonstration:

@@ -63,6 +63,12 @@ def sft(args) -> None:
     sft_command(load_config(args.config, args.overrides))
 
 
+def dpo(args) -> None:
+    from cluster.pipeline import dpo_command
+
+    dpo_command(load_config(args.config, args.overrides))
+
+
 def train_rm(args) -> None:
     from cluster.reward_modeling import train_rm_command
 
@@ -160,6 +166,8 @@ def parser() -> argparse.ArgumentParser:
     demos.set_defaults(func=make_demos)
     sub.add_parser("sft", parents=[run], help="supervised fine-tuning of model.path on the demonstrations in "
                    "sft.path; saves to sft.output_dir").set_defaults(func=sft)
+    sub.add_parser("dpo", parents=[run], help="DPO of model.path on the preference pairs in preferences.path; "
+                   "saves to dpo.output_dir and compares held-out gold reward").set_defaults(func=dpo)
     sub.add_parser("train-rm", parents=[run], help="train a Bradley-Terry reward model on preferences.path"
                    ).set_defaults(func=train_rm)
     sub.add_parser("west-of-n", parents=[run], help="West-of-N self-training from the reward model in rm.output_dir"

@@ -292,6 +292,22 @@ class SFTConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = opt(0.1, "DPO's beta: the strength of the implicit KL to the reference (larger = closer)", gt=0.0)
+    lr: float = opt(5e-6, "AdamW learning rate", gt=0.0, lt=1.0)
+    epochs: int = opt(1, "passes over the preference pairs (preferences.path)", ge=1, le=100)
+    batch_size: int = opt(8, "pairs per optimiser step", ge=1)
+    max_length: int = opt(256, "longest prompt (chat template) + reply, tokens, of either reply of a pair", ge=16)
+    max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0.0)
+    dtype: str = opt("float32", "weight dtype while training", choices=DTYPES)
+    autocast: str = opt("auto", AUTOCAST_HELP, choices=("auto", "none") + DTYPES)
+    device: str = opt("cpu", "training device", choices=("cpu", "cuda"))
+    threads: int = opt(2, "torch CPU threads", ge=1)
+    seed: int = opt(0, "seed of the batch order")
+    output_dir: str = opt("runs/dpo", "where the DPO policy (an HF directory for model.path) is saved")
+
+
+@dataclass
 class WestOfNConfig:
     n: int = opt(8, "samples per unlabelled prompt; the reward model's best and worst make a pair", ge=2, le=64)
     num_prompts: int = opt(512, "unlabelled prompts per round, cycled from data.path's training split", ge=1)
@@ -316,6 +332,7 @@ class RunConfig:
     rm: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
     west_of_n: WestOfNConfig = dataclasses.field(default_factory=WestOfNConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
 
     def validate(self) -> "RunConfig":
         for section in dataclasses.fields(self):
@@ -377,7 +394,8 @@ class RunConfig:
     def _resolve_auto_dtypes(self) -> None:
         """`auto` becomes bfloat16 where the device computes it natively, else full precision."""
         for sub, name, full in [(self.generation, "dtype", "float32"), (self.ppo, "autocast", "none"),
-                                (self.rm, "autocast", "none"), (self.sft, "autocast", "none")]:
+                                (self.rm, "autocast", "none"), (self.sft, "autocast", "none"),
+                                (self.dpo, "autocast", "none")]:
             if getattr(sub, name) == "auto":
                 setattr(sub, name, "bfloat16" if native_bf16(sub.device) else full)
 

@@ -1,11 +1,13 @@
-"""The rest of the RLHF recipe around PPO: demonstrations and supervised fine-tuning. Entry points of
-`rlhf make-demos` and `rlhf sft`.
+"""The rest of the RLHF recipe around PPO: demonstrations, supervised fine-tuning and DPO. Entry points of
+`rlhf make-demos`, `rlhf sft` and `rlhf dpo`.
 
 `make-demos` is rejection-sampling fine-tuning's data step: the generation workers sample
 `sft.demo_samples` replies to each training prompt, the gold scorer (`train.gold_scorer`) judges them and
 the best reply becomes the prompt's demonstration. `sft` trains the policy on demonstrations in the job's
 own process (submit it with `ray job submit --entrypoint-num-gpus 1 ...` for a GPU) and writes an HF
-directory that `model.path` takes.
+directory that `model.path` takes. `dpo` trains the policy on the preference pairs `train-rm` reads, with
+the reference log-probs computed first by the reference model, and judges the base and the result with
+the gold scorer on the held-out prompts.
 """
 
 from __future__ import annotations
@@ -47,6 +49,51 @@ def make_demos(cfg, out_path: str) -> str:
     print(f"wrote {len(prompts)} demonstrations to {out_path}: gold score {chosen:+.3f} (best of "
           f"{sc.demo_samples}) against {sampled:+.3f} for a single sample")
     return out_path
+
+
+def held_out_gold(cfg, model_path: str, label: str) -> dict[str, float]:
+    """The gold scorer's mean on `train.eval_samples` samples per held-out prompt from the policy at
+    `model_path`, at `train.eval_temperature` (as a PPO job's evaluation samples)."""
+    from actors.worker_pool import sample
+
+    _, _, held_out = policy_prompts(cfg)
+    with generation_workers(cfg, model_path) as pool:
+        groups = sample(pool, held_out, cfg.train.eval_samples, cfg.train.eval_temperature, label=f"{label} samples")
+    scores = [s for group in score_groups(make_scorer(cfg.train.gold_scorer), held_out, groups) for s in group]
+    return {"gold_reward_mean": statistics.mean(scores),
+            "response_len": statistics.mean(len(r.response_ids) for g in groups for r in g)}
+
+
+def dpo_command(cfg) -> dict:
+    """`rlhf dpo`: DPO of `model.path` on `preferences.path`, saved to `dpo.output_dir`; held-out pair figures
+    per epoch, and the held-out gold reward of the base and of the result."""
+    from actors.reference import ReferenceModel
+    from cluster.config import ReferenceConfig
+    from cluster.reward_modeling import load_pair_sets
+    from learner.dpo import DPOTrainer, encode_pairs, with_reference
+
+    dc, pc = cfg.dpo, cfg.preferences
+    train_pairs, eval_pairs = load_pair_sets(pc)
+    model_path = resolve_model(cfg.model.path)
+    trainer = DPOTrainer(model_path, dc)
+    encoded = [encode_pairs(pairs, trainer.tokenizer, dc.max_length, source, pc.on_bad_row)
+               for pairs, source in [(train_pairs, pc.path), (eval_pairs, pc.eval_path or pc.path)]]
+    reference = ReferenceModel(model_path, ReferenceConfig(device=dc.device, threads=dc.threads), dtype=dc.dtype,
+                               autocast=dc.autocast)
+    train, held = (with_reference(pairs, reference) for pairs in encoded)
+    del reference
+    log.info("dpo: %d pairs, %d held out, beta %g -> %s", len(train), len(held), dc.beta, dc.output_dir)
+    history = trainer.train(train, held)
+    path = trainer.save(dc.output_dir)
+    del trainer
+    for h in history:
+        print(f"epoch {h['epoch']}: held-out loss {h['eval/loss']:.3f}, implicit-reward accuracy "
+              f"{h['eval/accuracy']:.3f}, margin {h['eval/margin']:+.3f}")
+    before, after = held_out_gold(cfg, model_path, "base"), held_out_gold(cfg, path, "dpo")
+    print(f"held-out gold reward ({cfg.train.gold_scorer}): {before['gold_reward_mean']:+.3f} before, "
+          f"{after['gold_reward_mean']:+.3f} after DPO\nDPO policy saved to {path} (use it with model.path={path})")
+    return {**history[-1], "gold_reward_before": before["gold_reward_mean"],
+            "gold_reward_after": after["gold_reward_mean"]}
 
 
 def sft_command(cfg) -> list[dict]:

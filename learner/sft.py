@@ -29,22 +29,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def encode_reply(tokenizer, prompt: str | list[dict], reply: str) -> tuple[list[int], list[int]]:
+    """(prompt ids with the chat template and generation prompt, reply ids + EOS): the token layout of a
+    prompt and a reply as the generation workers see and sample them."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids), tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def encode(demos: list[Demonstration], tokenizer, max_length: int, source: str,
-           on_bad_row: str = "error") -> list[tuple[list[int], list[int]]]:
-    """(prompt ids with the chat template and generation prompt, reply ids + EOS) per demonstration; one
-    over `max_length` tokens is a bad row."""
+           on_bad_row: str = "error", setting: str = "sft.max_length") -> list[tuple[list[int], list[int]]]:
+    """`encode_reply` of every demonstration; one over `max_length` tokens (the config's `setting`) is a bad
+    row."""
     encoded, problems = [], []
     for demo in demos:
-        messages = [{"role": "user", "content": demo.prompt}] if isinstance(demo.prompt, str) else demo.prompt
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):
-            prompt = prompt["input_ids"]
-        response = tokenizer(demo.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(prompt) + len(response) > max_length:
-            problems.append(f"row {demo.row}: {len(prompt)} prompt + {len(response)} reply tokens, over "
-                            f"sft.max_length = {max_length}")
+        prompt, reply = encode_reply(tokenizer, demo.prompt, demo.response)
+        if len(prompt) + len(reply) > max_length:
+            problems.append(f"row {demo.row}: {len(prompt)} prompt + {len(reply)} reply tokens, over "
+                            f"{setting} = {max_length}")
             continue
-        encoded.append((list(prompt), response))
+        encoded.append((prompt, reply))
     raise_or_skip(source, problems, len(demos), on_bad_row)
     return encoded
 
@@ -55,17 +61,23 @@ def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -masked_mean(logprobs, mask)
 
 
-def reply_nll(model, examples: list[tuple[list[int], list[int]]], pad_id: int, autocast_dtype: str,
-              forward=response_forward) -> tuple[torch.Tensor, int]:
-    """(mean NLL of the reply tokens, their number) of encoded demonstrations under `model`, at temperature 1.
-    `forward(model, input_ids, attention_mask, reply_len, temperature)` -> (logits, _) runs the model
-    (default: response_forward on an HF causal LM)."""
+def reply_logprobs(model, examples: list[tuple[list[int], list[int]]], pad_id: int, autocast_dtype: str,
+                   forward=response_forward) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each reply token (B, T), mask (B, T)) of encoded (prompt ids, reply ids) under `model`,
+    at temperature 1. `forward(model, input_ids, attention_mask, reply_len, temperature)` -> (logits, _)
+    runs the model (default: response_forward on an HF causal LM)."""
     device = next(model.parameters()).device
     input_ids, attention_mask, reply_ids, mask = pad([p for p, _ in examples], [r for _, r in examples], pad_id)
     with autocast(device, autocast_dtype):
         logits, _ = forward(model, input_ids.to(device), attention_mask.to(device), reply_ids.shape[1], 1.0)
-    mask = mask.to(device)
-    return sft_loss(logprobs_from_logits(logits, reply_ids.to(device)), mask), int(mask.sum().item())
+    return logprobs_from_logits(logits, reply_ids.to(device)), mask.to(device)
+
+
+def reply_nll(model, examples: list[tuple[list[int], list[int]]], pad_id: int, autocast_dtype: str,
+              forward=response_forward) -> tuple[torch.Tensor, int]:
+    """(mean NLL of the reply tokens, their number) of encoded demonstrations under `model` (`reply_logprobs`)."""
+    logprobs, mask = reply_logprobs(model, examples, pad_id, autocast_dtype, forward)
+    return sft_loss(logprobs, mask), int(mask.sum().item())
 
 
 @torch.no_grad()
@@ -80,8 +92,15 @@ def held_out_nll(model, examples: list[tuple[list[int], list[int]]], pad_id: int
     return {"eval/loss": nll, "eval/perplexity": math.exp(nll)}
 
 
-class SFTTrainer:
-    def __init__(self, model_path: str, cfg: SFTConfig):
+class Trainer:
+    """A causal LM fine-tuned in this process: AdamW, shuffled batches for `cfg.epochs` epochs with a progress
+    line, a held-out evaluation before training and after each epoch, an HF directory at the end. A subclass
+    says what a batch's loss is (`loss`) and what the held-out figures are (`evaluate`); `cfg` has the
+    training fields SFTConfig has."""
+
+    name = "trainer"
+
+    def __init__(self, model_path: str, cfg):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(cfg.seed)
@@ -93,37 +112,36 @@ class SFTTrainer:
         self.pad_id = self.model.config.pad_token_id or 0
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
-    def nll(self, examples: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, int]:
-        """(mean NLL of the reply tokens, their number) of a batch of encoded demonstrations."""
-        return reply_nll(self.model, examples, self.pad_id, self.cfg.autocast)
+    def loss(self, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
 
-    def evaluate(self, examples: list[tuple[list[int], list[int]]]) -> dict[str, float]:
-        """Held-out NLL per reply token and its perplexity."""
-        self.model.eval()
-        return held_out_nll(self.model, examples, self.pad_id, self.cfg.autocast, self.cfg.batch_size)
+    def evaluate(self, examples: list) -> dict[str, float]:
+        raise NotImplementedError
 
-    def train(self, train: list[tuple[list[int], list[int]]], held_out: list[tuple[list[int], list[int]]]) -> list[dict]:
-        """`sft.epochs` passes in shuffled batches; the held-out loss before training and after each epoch."""
+    def train(self, train: list, held_out: list) -> list[dict]:
+        """`cfg.epochs` passes in shuffled batches; the held-out figures before training and after each epoch,
+        with the mean of each training figure of the epoch."""
         cfg = self.cfg
         rng = random.Random(cfg.seed)
         history = [{"epoch": 0, **self.evaluate(held_out)}]
-        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-        progress = Progress("sft", steps_per_epoch * cfg.epochs, "steps", every_s=30.0)
+        progress = Progress(self.name, math.ceil(len(train) / cfg.batch_size) * cfg.epochs, "steps", every_s=30.0)
         for epoch in range(1, cfg.epochs + 1):
             self.model.train()
             order = list(train)
             rng.shuffle(order)
-            losses = []
+            figures: dict[str, list[float]] = {}
             for start in range(0, len(order), cfg.batch_size):
-                loss, _ = self.nll(order[start:start + cfg.batch_size])
+                loss, stats = self.loss(order[start:start + cfg.batch_size])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
-                losses.append(loss.item())
+                for k, v in {"train/loss": loss.item(), **stats}.items():
+                    figures.setdefault(k, []).append(v)
                 progress.advance(1, f"loss {loss.item():.3f}")
-            history.append({"epoch": epoch, "train/loss": sum(losses) / len(losses), **self.evaluate(held_out)})
-            log.info("sft epoch %d: %s", epoch, history[-1])
+            history.append({"epoch": epoch, **{k: sum(v) / len(v) for k, v in figures.items()},
+                            **self.evaluate(held_out)})
+            log.info("%s epoch %d: %s", self.name, epoch, history[-1])
         return history
 
     def save(self, path: str) -> str:
@@ -132,6 +150,22 @@ class SFTTrainer:
         self.model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         return str(out)
+
+
+class SFTTrainer(Trainer):
+    name = "sft"
+
+    def nll(self, examples: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, int]:
+        """(mean NLL of the reply tokens, their number) of a batch of encoded demonstrations."""
+        return reply_nll(self.model, examples, self.pad_id, self.cfg.autocast)
+
+    def loss(self, batch: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.nll(batch)[0], {}
+
+    def evaluate(self, examples: list[tuple[list[int], list[int]]]) -> dict[str, float]:
+        """Held-out NLL per reply token and its perplexity."""
+        self.model.eval()
+        return held_out_nll(self.model, examples, self.pad_id, self.cfg.autocast, self.cfg.batch_size)
 
 
 def split(demos: list[Demonstration], cfg: SFTConfig) -> tuple[list[Demonstration], list[Demonstration]]:

@@ -1,5 +1,6 @@
-"""Rejection-sampling fine-tuning end to end with the tiny model and real vLLM: `rlhf make-demos` keeps the
-gold-best sample per prompt, `rlhf sft` trains on them, and a PPO job with PPO-ptx starts from the result."""
+"""The pipeline's commands end to end with the tiny model and real vLLM: `rlhf make-demos` keeps the gold-best
+sample per prompt, `rlhf sft` trains on them, and a PPO job with PPO-ptx starts from the result; `rlhf dpo`
+trains on preference pairs and judges the base and the result with the gold scorer."""
 
 import json
 
@@ -33,3 +34,16 @@ def test_demos_from_the_policy_train_an_sft_model_that_ppo_starts_from(ray_sessi
 def test_sft_without_demonstrations_says_what_to_give(capsys):
     assert main(["sft", "--config", str(TINY)]) == 2
     assert "sft.path is empty: give a demonstration file" in capsys.readouterr().err
+
+
+def test_dpo_trains_on_preference_pairs_and_reports_held_out_gold(ray_session, tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"My plan {i} fell through.", "chosen": "A lovely surprise!",
+                                         "rejected": "Terrible and sad."}) + "\n" for i in range(12)))
+    out = tmp_path / "dpo"
+    assert main(["dpo", "--config", str(TINY), f"preferences.path={pairs}", f"dpo.output_dir={out}",
+                 "dpo.threads=1", "dpo.batch_size=4", "preferences.eval_fraction=0.25"]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 1: held-out loss" in printed and "implicit-reward accuracy" in printed
+    assert "held-out gold reward (vader):" in printed and f"model.path={out}" in printed
+    assert (out / "config.json").is_file()
