@@ -1,7 +1,7 @@
-"""GPU check (needs CUDA; vLLM and Ray not involved, so no weight publication): runs the CUDA tests (tests/test_gpu.py: PPO update,
-checkpoint round trip, reference, reward model, a one-rank NCCL learner group with its sharded checkpoint,
-LoRA), then prints figures for the learner on this device: seconds per update and bytes per rank, full
-fine-tuning against LoRA, and the sharded checkpoint's save and load times.
+"""GPU check (needs CUDA; vLLM and Ray not involved, so no weight publication): runs the CUDA tests
+(tests/test_gpu.py: PPO update, checkpoint round trip, reference, reward model, a one-rank NCCL learner
+group with its sharded checkpoint, LoRA), then prints figures for the learner on this device: seconds per
+update and bytes per rank, full fine-tuning against LoRA, and the sharded checkpoint's save and load times.
 
     python bench/gpu_check.py                          # the tiny model
     python bench/gpu_check.py --model DIR --batch 64   # another HF model directory

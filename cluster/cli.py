@@ -69,6 +69,12 @@ def dpo(args) -> None:
     dpo_command(load_config(args.config, args.overrides))
 
 
+def elo(args) -> None:
+    from cluster.pipeline import elo_command
+
+    elo_command(load_config(args.config, args.overrides), args.run, args.player)
+
+
 def train_rm(args) -> None:
     from cluster.reward_modeling import train_rm_command
 
@@ -168,6 +174,12 @@ def parser() -> argparse.ArgumentParser:
                    "sft.path; saves to sft.output_dir").set_defaults(func=sft)
     sub.add_parser("dpo", parents=[run], help="DPO of model.path on the preference pairs in preferences.path; "
                    "saves to dpo.output_dir and compares held-out gold reward").set_defaults(func=dpo)
+    rate = sub.add_parser("elo", parents=[run], help="rate policies (a run's checkpoints, the base) against each "
+                          "other on held-out prompts, judged by elo.judge")
+    rate.add_argument("--run", action="append", default=[], help="a run's output_dir: every checkpoint is a player "
+                      "(repeatable)")
+    rate.add_argument("--player", action="append", default=[], help="NAME=DIR: an HF model directory (repeatable)")
+    rate.set_defaults(func=elo)
     sub.add_parser("train-rm", parents=[run], help="train a Bradley-Terry reward model on preferences.path"
                    ).set_defaults(func=train_rm)
     sub.add_parser("west-of-n", parents=[run], help="West-of-N self-training from the reward model in rm.output_dir"

@@ -197,6 +197,8 @@ class TrainConfig:
     eval_every: int = opt(10, "evaluate on held-out prompts every k steps (and at start and end)", ge=1)
     eval_temperature: float = opt(1.0, "sampling temperature of the evaluation", gt=0.0)
     eval_samples: int = opt(2, "responses sampled per held-out prompt in an evaluation", ge=1)
+    elo: bool = opt(False, "rate the policy at each evaluation against the earlier evaluations' policies (their "
+                           "held-out responses, judged by elo.judge): eval/elo, and ratings.png at the end")
     eval_demos: str = opt("", "held-out demonstrations (as sft.path): each evaluation also reports the "
                               "policy's perplexity on their replies (the alignment tax of RL; PPO-ptx)")
     gold_scorer: str = opt("vader", "scorer of the held-out evaluation (same forms as reward.scorer)")
@@ -308,6 +310,17 @@ class DPOConfig:
 
 
 @dataclass
+class EloConfig:
+    judge: str = opt("gold", "who decides a match: `gold` (train.gold_scorer), `reward` (reward.scorer), any "
+                             "scorer spec (the higher score wins, equal is a tie), or `pairwise:<module>:<function>` "
+                             "(function(prompt, a, b) -> probability that a is better)")
+    num_prompts: int = opt(64, "held-out prompts each pair of policies is played on", ge=1)
+    bootstrap: int = opt(200, "bootstrap refits for the 95% intervals", ge=10)
+    output_dir: str = opt("runs/elo", "where ratings.json and ratings.png go")
+    seed: int = opt(0, "seed of the bootstrap")
+
+
+@dataclass
 class WestOfNConfig:
     n: int = opt(8, "samples per unlabelled prompt; the reward model's best and worst make a pair", ge=2, le=64)
     num_prompts: int = opt(512, "unlabelled prompts per round, cycled from data.path's training split", ge=1)
@@ -333,6 +346,7 @@ class RunConfig:
     west_of_n: WestOfNConfig = dataclasses.field(default_factory=WestOfNConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    elo: EloConfig = dataclasses.field(default_factory=EloConfig)
 
     def validate(self) -> "RunConfig":
         for section in dataclasses.fields(self):

@@ -32,6 +32,7 @@ from learner.metrics import RunLogger
 from learner.sft import encoded_demonstrations
 from learner.train import Loop, evaluate, publish_weights, run_steps
 from reward_server.client import RewardClient
+from reward_server.ratings import Ladder, make_judge
 from reward_server.scorers import make_scorer
 from reward_server.server import APP_NAME
 
@@ -167,7 +168,7 @@ def _start_loop(job: Job, roles: Roles, stream: RolloutStream, resume: Path | No
         return path
 
     loop = Loop(cfg, stream, roles.learner, roles.reference, job.eval_prompts, make_scorer(cfg.train.gold_scorer),
-                logger, save_checkpoint, eval_demos=job.eval_demos,
+                logger, save_checkpoint, eval_demos=job.eval_demos, ladder=_ladder(cfg, job.eval_prompts),
                 stop_requested=lambda: job.stop.requested is not None, record=job.gauges.record,
                 step=meta.get("step", 0))
     if resume is not None:
@@ -180,6 +181,13 @@ def _start_loop(job: Job, roles: Roles, stream: RolloutStream, resume: Path | No
           f"({cfg.reward.scorer}) {loop.before['eval/proxy_reward_mean']:+.3f}, KL {loop.before['eval/kl_mean']:.2f}",
           flush=True)
     return loop
+
+
+def _ladder(cfg: RunConfig, eval_prompts: list[Prompt]) -> Ladder | None:
+    """With `train.elo`, the ladder each evaluation's policy joins (its responses judged by `elo.judge`)."""
+    if not cfg.train.elo:
+        return None
+    return Ladder(make_judge(cfg.elo.judge, cfg.train.gold_scorer, cfg.reward.scorer), [p.text for p in eval_prompts])
 
 
 def _alive(learner) -> bool:
@@ -232,6 +240,9 @@ def _finish(job: Job, loop: Loop, restarts: int) -> dict:
         "worker_recovery_s": stream.pool.recoveries, "workers_joined": stream.pool.joined,
         "learner_restarts": restarts, "checkpoint": final,
     }
+    if loop.ladder is not None and len(loop.ladder.names) > 1:
+        printed, _ = loop.ladder.write(str(Path(cfg.train.output_dir) / "elo"), cfg.elo.bootstrap, cfg.elo.seed)
+        print(f"\nheld-out ratings of this run's evaluations ({cfg.train.output_dir}/elo/ratings.png):\n{printed}")
     loop.logger.close(summary)
     print_summary(summary)
     return summary

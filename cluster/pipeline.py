@@ -1,5 +1,5 @@
-"""The rest of the RLHF recipe around PPO: demonstrations, supervised fine-tuning and DPO. Entry points of
-`rlhf make-demos`, `rlhf sft` and `rlhf dpo`.
+"""The rest of the RLHF recipe around PPO: demonstrations, supervised fine-tuning, DPO and ratings of
+policies. Entry points of `rlhf make-demos`, `rlhf sft`, `rlhf dpo` and `rlhf elo`.
 
 `make-demos` is rejection-sampling fine-tuning's data step: the generation workers sample
 `sft.demo_samples` replies to each training prompt, the gold scorer (`train.gold_scorer`) judges them and
@@ -17,6 +17,7 @@ import logging
 import statistics
 from pathlib import Path
 
+from cluster.config import ConfigError
 from cluster.models import resolve_model
 from cluster.reward_modeling import cycle, generation_workers, pick_best, policy_prompts, score_groups
 from learner.sft import run_sft
@@ -105,3 +106,51 @@ def sft_command(cfg) -> list[dict]:
               f"{h['eval/perplexity']:.2f})")
     print(f"\nfine-tuned policy saved to {path} (train from it with model.path={path})")
     return history
+
+
+def elo_players(cfg, runs: list[str], named: list[str]) -> list[tuple[str, int, str, str]]:
+    """(name, training step, model directory, series) of each policy to rate: the base (`model.path`, step 0),
+    every complete checkpoint of each run directory, then each NAME=DIR given."""
+    from cluster.checkpoint import complete_checkpoints
+
+    players = [("base", 0, resolve_model(cfg.model.path), "base")]
+    for run in runs:
+        found = complete_checkpoints(run)
+        if not found:
+            raise ConfigError(f"{run} holds no complete checkpoint (checkpoints/step-*/ with meta.json); rate a run "
+                              f"that saved some (train.checkpoint_every), or name model directories with --player")
+        for path in found:
+            step = json.loads((path / "meta.json").read_text())["step"]
+            players.append((f"{Path(run).name}@{step}", step, str(path / "policy"), Path(run).name))
+    for spec in named:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"--player {spec!r} must be NAME=DIR with an HF model directory (config.json) at DIR")
+        players.append((name, 0, path, name))
+    return players
+
+
+def elo_command(cfg, runs: list[str], named: list[str]) -> dict:
+    """`rlhf elo`: each policy answers `elo.num_prompts` held-out prompts (one sample each, at
+    `train.eval_temperature`); every two play a match on every prompt, decided by `elo.judge`; prints the
+    ratings with 95% intervals and the win-rate matrix; writes ratings.json and ratings.png (rating against
+    training step) to `elo.output_dir`."""
+    from actors.worker_pool import sample
+    from reward_server.ratings import Ladder, make_judge
+
+    ec = cfg.elo
+    players = elo_players(cfg, runs, named)
+    if len(players) < 2:
+        raise ConfigError("rlhf elo needs at least one policy besides the base: give --run DIR or --player NAME=DIR")
+    _, _, held_out = policy_prompts(cfg)
+    prompts = cycle(held_out, ec.num_prompts, ec.seed)
+    ladder = Ladder(make_judge(ec.judge, cfg.train.gold_scorer, cfg.reward.scorer), [p.text for p in prompts])
+    for name, step, path, series in players:
+        with generation_workers(cfg, path) as pool:
+            groups = sample(pool, prompts, 1, cfg.train.eval_temperature, label=f"{name} responses")
+        ladder.add(name, step, [g[0].text for g in groups], series)
+    printed, result = ladder.write(ec.output_dir, ec.bootstrap, ec.seed)
+    print(f"\n{result['matches']} matches on {len(prompts)} held-out prompts, judged by {result['judge']}\n")
+    print(printed)
+    print(f"\nratings in {ec.output_dir}/ratings.json, plot in {ec.output_dir}/ratings.png")
+    return result

@@ -252,7 +252,8 @@ def policy_loss(
     decoupled form of Hilton et al. 2022.
 
     L = mean_t w_t * max(-A_t * rho_t, -A_t * clip(rho_t, 1 - clip, 1 + clip)), rho_t = pi / pi_old,
-    averaged over all real tokens of the batch (or as `agg` says: `aggregate`). `old_logprobs` are the proximal policy's; `weights`
+    averaged over all real tokens of the batch (or as `agg` says: `aggregate`). `old_logprobs` are the
+    proximal policy's; `weights`
     (w_t = pi_prox / mu, truncated: `truncated_importance_weights`) correct for the tokens having been
     sampled from the behaviour policy mu; None means w_t = 1, on-policy PPO. The weight is positive, so
     it multiplies the max of both terms as it would each. All inputs (B, T). Stats are detached 0-dim

@@ -22,6 +22,7 @@ from actors.rollout import Rollout
 from actors.rollout_stream import RolloutStream
 from actors.worker_pool import sample
 from learner.metrics import RunLogger
+from reward_server.ratings import Ladder
 from reward_server.scorers import Scorer, score_checked
 
 
@@ -84,6 +85,7 @@ class Loop:
     logger: RunLogger
     save_checkpoint: Callable[..., Path]  # (step[, watchdog]) -> a resumable checkpoint written after the step
     eval_demos: list  # held-out demonstrations, encoded: each evaluation reports the policy's perplexity on them
+    ladder: Ladder | None  # train.elo: every evaluation's policy, rated against the earlier ones
     stop_requested: Callable[[], bool]  # SIGTERM or Ctrl-C: stop after this step, with a checkpoint
     record: Callable[[dict], None]  # sets the job's Ray gauges from a step's metrics
     before: dict = field(default_factory=dict)  # held-out figures before training
@@ -140,6 +142,8 @@ def evaluate(loop: Loop) -> dict:
     if loop.eval_demos:  # the alignment tax: how much less likely the policy finds demonstrated replies
         demos = stream.wait(loop.learner.perplexity(loop.eval_demos), "learner", "perplexity")
         demos = {"eval/demo_nll": demos["eval/loss"], "eval/demo_perplexity": demos["eval/perplexity"]}
+    if loop.ladder is not None:  # its first response to each held-out prompt plays the earlier policies'
+        demos["eval/elo"] = loop.ladder.add(f"step {loop.step}", loop.step, [g[0].text for g in groups], "this run")
     return {**demos, "eval/gold_reward_mean": statistics.mean(scores),
             "eval/gold_reward_std": statistics.pstdev(scores),
             "eval/proxy_reward_mean": statistics.mean(stream.reward.result(proxy)),

@@ -1,6 +1,7 @@
 """The pipeline's commands end to end with the tiny model and real vLLM: `rlhf make-demos` keeps the gold-best
 sample per prompt, `rlhf sft` trains on them, and a PPO job with PPO-ptx starts from the result; `rlhf dpo`
-trains on preference pairs and judges the base and the result with the gold scorer."""
+trains on preference pairs and judges the base and the result with the gold scorer; `rlhf elo` rates the
+SFT policy against the base, and a job rates its own evaluations."""
 
 import json
 
@@ -24,11 +25,23 @@ def test_demos_from_the_policy_train_an_sft_model_that_ppo_starts_from(ray_sessi
     assert main(["sft", "--config", str(TINY), f"sft.path={demos}", f"sft.output_dir={out}", "sft.epochs=1",
                  "sft.eval_fraction=0.34", "sft.threads=1"]) == 0
     assert f"train from it with model.path={out}" in capsys.readouterr().out
-    # PPO from the SFT model, with PPO-ptx on the demonstrations and their perplexity at each evaluation
+    # PPO from the SFT model, with PPO-ptx on the demonstrations, their perplexity at each evaluation, and
+    # each evaluation's policy rated against the earlier ones
     summary, steps = run(tmp_path / "ppo", f"model.path={out}", "train.steps=1", "ppo.ptx_coef=0.5",
-                         f"ppo.ptx_path={demos}", f"train.eval_demos={demos}")
+                         f"ppo.ptx_path={demos}", f"train.eval_demos={demos}", "train.elo=true")
     assert summary["policy_version"] == 1
     assert steps[1]["loss/ptx"] > 0 and summary["eval/demo_perplexity_after"] > 1
+    assert steps[0]["eval/elo"] == 1000.0 and "eval/elo" in steps[-1]
+    assert (tmp_path / "ppo" / "elo" / "ratings.png").stat().st_size > 1000
+
+    # the SFT policy against the base, judged by the gold scorer
+    elo = tmp_path / "elo"
+    assert main(["elo", "--config", str(TINY), "--player", f"sft={out}", "elo.num_prompts=6", "elo.bootstrap=20",
+                 f"elo.output_dir={elo}"]) == 0
+    ratings = json.loads((elo / "ratings.json").read_text())
+    assert [p["name"] for p in ratings["players"]] == ["base", "sft"] and ratings["matches"] == 6
+    assert ratings["players"][0]["rating"] == 1000.0 and (elo / "ratings.png").is_file()
+    assert "win rate (row against column)" in capsys.readouterr().out
 
 
 def test_sft_without_demonstrations_says_what_to_give(capsys):
