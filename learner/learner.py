@@ -205,31 +205,29 @@ class PPOLearner:
         logprobs, values, logits = self._forward(mb)
         pg_loss, pg_stats = ppo_math.policy_loss(logprobs, prox_logprobs, advantages, mask, self.cfg.clip, weights,
                                                  self.cfg.loss_agg, self.max_new_tokens)
-        loss, scaled = pg_loss, pg_loss * pg_share.to(self.device)
-        vf_stats = {}
+        # each term with its rank's weight: summed over the ranks, the one-learner minibatch figure
+        terms = {"loss/policy": (pg_loss, pg_share.to(self.device), 1.0)}
         if self.value_head is not None:
             vf_loss, vf_stats = ppo_math.value_loss(values, old_values, returns, mask, self.cfg.value_clip)
-            loss = loss + self.cfg.vf_coef * vf_loss
-            scaled = scaled + self.cfg.vf_coef * vf_loss * share.to(self.device)
-            vf_stats = {"loss/value": vf_loss, "value/clip_frac": vf_stats["clip_frac"]}
+            terms["loss/value"] = (vf_loss, share.to(self.device), self.cfg.vf_coef)
         if self.ptx:
             ptx_loss, ptx_share = self._ptx_loss()
-            loss = loss + self.cfg.ptx_coef * ptx_loss
-            scaled = scaled + self.cfg.ptx_coef * ptx_loss * ptx_share
-            vf_stats["loss/ptx"] = ptx_loss
+            terms["loss/ptx"] = (ptx_loss, ptx_share, self.cfg.ptx_coef)
         self.optimizer.zero_grad(set_to_none=True)
-        scaled.backward()
+        sum(coef * term * weight for term, weight, coef in terms.values()).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), self.cfg.max_grad_norm)
         self.optimizer.step()
         with torch.no_grad():
             entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits.detach()), mask)
-            stats = {"loss/policy": pg_loss, "loss/total": loss, "policy/entropy": entropy,
-                     "policy/clip_frac": pg_stats["clip_frac"], "policy/approx_kl": pg_stats["approx_kl"],
-                     "policy/ratio_mean": pg_stats["ratio_mean"], **vf_stats}
-            # token-weighted over the ranks: the minibatch's means, as one learner computes them
-            values = torch.stack([v.detach().float() for v in stats.values()]) * share.to(self.device) / self.world
-            values = distributed.sum_across_ranks(values).tolist()
-        return {**dict(zip(stats, values)), "grad/norm": distributed.local(grad_norm).item()}
+            stats = {"policy/entropy": entropy, "policy/clip_frac": pg_stats["clip_frac"],
+                     "policy/approx_kl": pg_stats["approx_kl"], "policy/ratio_mean": pg_stats["ratio_mean"],
+                     **({"value/clip_frac": vf_stats["clip_frac"]} if self.value_head is not None else {})}
+            weights = [share.to(self.device)] * len(stats) + [weight for _, weight, _ in terms.values()]
+            stats.update({name: term for name, (term, _, _) in terms.items()})
+            values = torch.stack([v.detach().float() * w for v, w in zip(stats.values(), weights)]) / self.world
+            values = dict(zip(stats, distributed.sum_across_ranks(values).tolist()))
+            values["loss/total"] = sum(coef * values[name] for name, (_, _, coef) in terms.items())
+        return {**values, "grad/norm": distributed.local(grad_norm).item()}
 
     def _ptx_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(NLL of the reply tokens of this rank's share of the next `ppo.ptx_batch_size` demonstrations, the

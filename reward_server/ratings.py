@@ -40,6 +40,8 @@ def bradley_terry(matches: list[tuple[int, int, float]], players: int, iteration
     """Maximum-likelihood ratings (Elo scale, player 0 at 1000). `prior` adds that share of a win and of a
     loss against every other player (a weak pull towards equal strength), so that a player who won or lost
     every match still has a finite rating."""
+    if players == 1:
+        return np.array([ANCHOR])
     wins, games = win_matrix(matches, players)
     off_diagonal = 1.0 - np.eye(players)
     wins, games = wins + prior * off_diagonal, games + 2 * prior * off_diagonal

@@ -64,3 +64,7 @@ def test_judges_decide_matches_and_a_bad_pairwise_answer_is_named(tmp_path, monk
         [0.0, 1.0]
     with pytest.raises(ScoringError, match=r"pairwise judge judges:broken returned 1.5 for match 0 .* in \[0, 1\]"):
         play(prompts, responses[:2], make_judge("pairwise:judges:broken", "vader", "vader"))
+
+
+def test_a_lone_policy_is_at_the_anchor():
+    assert bradley_terry([], 1).tolist() == [1000.0]
