@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import statistics
@@ -30,7 +29,7 @@ from actors.generation import GenerationWorker
 from actors.prompts import load_prompts
 from actors.rollout import Rollout
 from cluster.cli import DEFAULT_CONFIG
-from cluster.config import load_config
+from cluster.config import load_config, replace_section
 from cluster.launch import launch_learners, start_ray
 from cluster.models import resolve_model
 from cluster.job import train
@@ -157,11 +156,6 @@ def bench_learner_memory(cfg, model_path, prompts, ranks: list[int]) -> None:
         print(f"  {n} rank{'s' if n > 1 else ' '}: weights {mib['weights']:.0f} MiB + gradients {mib['gradients']:.0f} "
               f"MiB + optimizer {mib['optimizer']:.0f} MiB = {sum(mib.values()):.0f} MiB per rank")
         group.kill()
-
-
-def replace_section(cfg, section: str, **fields):
-    """A copy of the run config with some fields of one section replaced."""
-    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **fields)})
 
 
 def bench_steps(cfg_path, overrides, steps: int) -> None:

@@ -75,6 +75,12 @@ def elo(args) -> None:
     elo_command(load_config(args.config, args.overrides), args.run, args.player)
 
 
+def online_rlhf(args) -> None:
+    from cluster.online_rlhf import online_rlhf_command
+
+    online_rlhf_command(load_config(args.config, args.overrides))
+
+
 def train_rm(args) -> None:
     from cluster.reward_modeling import train_rm_command
 
@@ -180,6 +186,8 @@ def parser() -> argparse.ArgumentParser:
                       "(repeatable)")
     rate.add_argument("--player", action="append", default=[], help="NAME=DIR: an HF model directory (repeatable)")
     rate.set_defaults(func=elo)
+    sub.add_parser("online-rlhf", parents=[run], help="iterated online RLHF: PPO rounds, each followed by fresh "
+                   "labelled pairs of the current policy and a retrained reward model").set_defaults(func=online_rlhf)
     sub.add_parser("train-rm", parents=[run], help="train a Bradley-Terry reward model on preferences.path"
                    ).set_defaults(func=train_rm)
     sub.add_parser("west-of-n", parents=[run], help="West-of-N self-training from the reward model in rm.output_dir"

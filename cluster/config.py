@@ -321,6 +321,18 @@ class EloConfig:
 
 
 @dataclass
+class OnlineRLHFConfig:
+    rounds: int = opt(3, "rounds of PPO -> fresh pairs from the policy -> reward model trained again", ge=1, le=50)
+    ppo_steps: int = opt(5, "PPO steps per round (the job continues from its last checkpoint)", ge=1)
+    initial_pairs: int = opt(256, "labelled pairs of the initial policy's samples for the first reward model "
+                                  "(when preferences.path is empty)", ge=2)
+    pairs_per_round: int = opt(128, "labelled pairs sampled from the current policy each round", ge=2)
+    eval_fraction: float = opt(0.25, "share of each round's pairs held out: the reward model's accuracy on the "
+                                     "current policy's pairs", gt=0.0, lt=1.0)
+    output_dir: str = opt("runs/online_rlhf", "the PPO run, each round's pairs and reward model, rounds.json")
+
+
+@dataclass
 class WestOfNConfig:
     n: int = opt(8, "samples per unlabelled prompt; the reward model's best and worst make a pair", ge=2, le=64)
     num_prompts: int = opt(512, "unlabelled prompts per round, cycled from data.path's training split", ge=1)
@@ -347,6 +359,7 @@ class RunConfig:
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     elo: EloConfig = dataclasses.field(default_factory=EloConfig)
+    online: OnlineRLHFConfig = dataclasses.field(default_factory=OnlineRLHFConfig)
 
     def validate(self) -> "RunConfig":
         for section in dataclasses.fields(self):
@@ -415,6 +428,11 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def replace_section(cfg: RunConfig, section: str, **fields) -> RunConfig:
+    """A copy of the run config with some fields of one section replaced."""
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **fields)})
 
 
 def native_bf16(device: str) -> bool:
