@@ -97,9 +97,12 @@ class RolloutStream:
         """1. Hand prompts to idle workers, as many chunks as may be in flight."""
         busy = {c.worker for c in self.generating.values()}
         for i in self.pool.idle(busy, self._usable_version()):
-            if len(self.buffer) + self._in_flight() >= self._limit():
+            room = self._limit() - len(self.buffer) - self._in_flight()  # in rollouts
+            if room <= 0:
                 return
-            chunk = _Chunk(worker=i, draws=self.ledger.draw(self.prompts_per_request))
+            # no more prompts than the room holds: on-policy, rollouts beyond the batch would be dropped stale
+            count = min(self.prompts_per_request, -(-room // self.samples_per_prompt))
+            chunk = _Chunk(worker=i, draws=self.ledger.draw(count))
             ref = self.pool.generate(i, [(d.prompt.index, d.prompt.token_ids) for d in chunk.draws],
                                      self.samples_per_prompt)
             self.generating[ref] = chunk

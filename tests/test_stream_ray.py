@@ -131,6 +131,19 @@ def assert_exactly_once(stream, batches, on_policy=True):
         assert len({r.version for r in b}) == 1 or not on_policy
 
 
+def test_on_policy_nothing_is_generated_beyond_the_batch(ray_session):
+    # a request of 32 prompts x 4 samples would be twice the batch: only the batch's prompts go out, so
+    # no rollout is generated, scored and given reference log-probs only to be dropped as stale
+    stream = RolloutStream(WorkerPool(workers(1), spawn=spawn), PromptLedger(PROMPTS),
+                           ray.remote(StandInReference).remote(), InstantReward(), samples_per_prompt=4,
+                           prompts_per_request=32, buffer_size=64, max_staleness=0)
+    batches = [step(stream, batch_prompts=16) for _ in range(3)]
+    c = counters(stream)
+    assert c["rollouts_scored"] == 3 * 64 and c["rollouts_dropped_stale"] == 0
+    assert c["prompts_reissued"] == 0
+    assert_exactly_once(stream, batches)
+
+
 def test_a_worker_that_dies_is_restarted_with_current_weights_and_loses_no_prompt(ray_session, tmp_path):
     ws = workers(2, max_restarts=1, marker=str(tmp_path / "died"), die_on_call=3)
     stream = make_stream(ws)
