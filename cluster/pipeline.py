@@ -98,12 +98,17 @@ def dpo_command(cfg) -> dict:
 
 
 def sft_command(cfg) -> list[dict]:
-    """`rlhf sft`: fine-tune `model.path` on `sft.path`; print the held-out loss per epoch."""
-    path, history = run_sft(resolve_model(cfg.model.path), cfg.sft)
+    """`rlhf sft`: fine-tune `model.path` on `sft.path`; print the held-out loss per epoch, then the held-out
+    gold reward of the base and of the result."""
+    model_path = resolve_model(cfg.model.path)
+    path, history = run_sft(model_path, cfg.sft)
     for h in history:
         trained = f"train loss {h['train/loss']:.3f}, " if "train/loss" in h else ""
         print(f"epoch {h['epoch']}: {trained}held-out loss {h['eval/loss']:.3f} (perplexity "
               f"{h['eval/perplexity']:.2f})")
+    before, after = held_out_gold(cfg, model_path, "base"), held_out_gold(cfg, path, "sft")
+    print(f"held-out gold reward ({cfg.train.gold_scorer}): {before['gold_reward_mean']:+.3f} before, "
+          f"{after['gold_reward_mean']:+.3f} after SFT")
     print(f"\nfine-tuned policy saved to {path} (train from it with model.path={path})")
     return history
 

@@ -24,7 +24,8 @@ def test_demos_from_the_policy_train_an_sft_model_that_ppo_starts_from(ray_sessi
     out = tmp_path / "sft"
     assert main(["sft", "--config", str(TINY), f"sft.path={demos}", f"sft.output_dir={out}", "sft.epochs=1",
                  "sft.eval_fraction=0.34", "sft.threads=1"]) == 0
-    assert f"train from it with model.path={out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"train from it with model.path={out}" in printed and "held-out gold reward (vader):" in printed
     # PPO from the SFT model, with PPO-ptx on the demonstrations, their perplexity at each evaluation, and
     # each evaluation's policy rated against the earlier ones
     summary, steps = run(tmp_path / "ppo", f"model.path={out}", "train.steps=1", "ppo.ptx_coef=0.5",
