@@ -68,9 +68,10 @@ def _pad_floats(rows: list[list[float]], T: int) -> torch.Tensor:
     return out
 
 
-def collate(rollouts: list[Rollout], pad_id: int) -> RolloutBatch:
-    """Pad scored rollouts into one batch; every rollout must carry a score and reference log-probs."""
-    missing = [r.prompt_index for r in rollouts if r.score is None or r.ref_logprobs is None]
+def collate(rollouts: list[Rollout], pad_id: int, with_reference: bool = True) -> RolloutBatch:
+    """Pad scored rollouts into one batch; every rollout must carry a score, and reference log-probs unless
+    `with_reference` is false (a learner that holds the reference computes them; the batch has zeros)."""
+    missing = [r.prompt_index for r in rollouts if r.score is None or (with_reference and r.ref_logprobs is None)]
     if missing:
         raise ValueError(f"rollouts for prompts {missing[:5]} lack a score or reference log-probs")
     input_ids, attention_mask, response_ids, response_mask = pad(
@@ -79,7 +80,7 @@ def collate(rollouts: list[Rollout], pad_id: int) -> RolloutBatch:
     return RolloutBatch(
         input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
         response_ids=response_ids, behaviour_logprobs=_pad_floats([r.logprobs for r in rollouts], T),
-        ref_logprobs=_pad_floats([r.ref_logprobs for r in rollouts], T),
+        ref_logprobs=_pad_floats([r.ref_logprobs or [] for r in rollouts], T),
         scores=torch.tensor([r.score for r in rollouts], dtype=torch.float32),
         finished=torch.tensor([r.finished for r in rollouts], dtype=torch.bool),
         versions=torch.tensor([r.version for r in rollouts]),

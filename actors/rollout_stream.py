@@ -5,6 +5,8 @@ One chunk of prompts goes through three stages, each a method below, in order:
   1. `_dispatch`:  the ledger draws prompts -> an idle worker generates (pool.generate)
   2. `_generated`: its rollouts go at once to the reward server (scores) and the reference (log-probs)
   3. `_scored`:    both answers in -> each rollout gets its score and reference log-probs -> the buffer
+When the learner holds the reference model (`reference=None` here) it computes the reference log-probs in
+its update, and a chunk is complete once scored.
 `pump` moves every chunk in flight one stage on; the learner's side calls it while it waits (`take`,
 `wait`, `publish`), so generation goes on while the learner updates and while weights load.
 
@@ -69,7 +71,8 @@ class RolloutStream:
     def __init__(self, pool: WorkerPool, ledger: PromptLedger, reference, reward, *, samples_per_prompt: int,
                  prompts_per_request: int, buffer_size: int, max_staleness: int,
                  on_pump: Callable[[], None] | None = None):
-        """`reference`: the reference model's actor handle; `reward`: a `reward_server.client.RewardClient`;
+        """`reference`: the reference model's actor handle, or None when the learner computes the reference
+        log-probs itself; `reward`: a `reward_server.client.RewardClient`;
         `buffer_size` in prompts; `on_pump()` runs on every pump (the job's control link). Calls are timed
         by the pool's watchdog."""
         self.pool = pool
@@ -85,6 +88,7 @@ class RolloutStream:
         self.buffer: deque[Rollout] = deque()
         self.generating: dict[ray.ObjectRef, _Chunk] = {}  # generate call -> chunk
         self.scoring: dict[ray.ObjectRef, _Chunk] = {}  # reference call -> chunk (its reward is scored meanwhile)
+        self.scoring_only: list[_Chunk] = []  # chunks waiting for their scores alone (no reference stage)
         self.learner_version = 0
         self.updating = False  # an update is running: what is generated now is trained on after it
         self.wanted = 0  # rollouts the learner is waiting for; on-policy mode generates no more than that
@@ -120,17 +124,23 @@ class RolloutStream:
         texts = {d.prompt.index: d.prompt.text for d in chunk.draws}
         chunk.scores = self.reward.submit([texts[r.prompt_index] for r in chunk.rollouts],
                                           [r.text for r in chunk.rollouts])
+        self.clocks["score"].enter()
+        if self.reference is None:
+            self.scoring_only.append(chunk)
+            return
         ref = self.reference.ref_logprobs.remote([r.prompt_ids for r in chunk.rollouts],
                                                  [r.response_ids for r in chunk.rollouts])
         self.scoring[self.watchdog.sent(ref, "reference", "ref_logprobs")] = chunk
-        self.clocks["score"].enter()
         self.clocks["reference"].enter()
 
-    def _scored(self, chunk: _Chunk, ref: ray.ObjectRef) -> None:
-        """3. Reference log-probs and scores are in: the rollouts are complete and go into the buffer."""
-        self.watchdog.done(ref)
-        self.clocks["reference"].leave()
-        ref_logprobs = ray.get(ref)
+    def _scored(self, chunk: _Chunk, ref: ray.ObjectRef | None) -> None:
+        """3. Reference log-probs (unless the learner computes them) and scores are in: the rollouts are
+        complete and go into the buffer."""
+        ref_logprobs = [None] * len(chunk.rollouts)
+        if ref is not None:
+            self.watchdog.done(ref)
+            self.clocks["reference"].leave()
+            ref_logprobs = ray.get(ref)
         scores = self.reward.result(chunk.scores)  # waits, with retries, if the reward server is still at it
         if not chunk.reward_done:
             self.clocks["score"].leave()
@@ -149,6 +159,9 @@ class RolloutStream:
             if not chunk.reward_done and self.reward.done(chunk.scores):
                 chunk.reward_done = True
                 self.clocks["score"].leave()
+        for chunk in [c for c in self.scoring_only if self.reward.done(c.scores)]:
+            self.scoring_only.remove(chunk)
+            self._scored(chunk, None)
         waiting = list(self.generating) + list(self.scoring) + self.pool.waiting()
         if waiting:
             for ref in ray.wait(waiting, num_returns=len(waiting), timeout=timeout)[0]:
@@ -164,7 +177,8 @@ class RolloutStream:
         self.watchdog.check(waiting_since)
 
     def _in_flight(self) -> int:
-        return sum(len(c.draws) for c in [*self.generating.values(), *self.scoring.values()]) * self.samples_per_prompt
+        chunks = [*self.generating.values(), *self.scoring.values(), *self.scoring_only]
+        return sum(len(c.draws) for c in chunks) * self.samples_per_prompt
 
     def _limit(self) -> int:
         """Rollouts that may be buffered or in flight. On-policy, anything beyond the batch the learner waits

@@ -5,8 +5,10 @@
 2. the time of a full weight sync (the learner publishes its weights once, in buckets; every worker loads
    them) and the extra memory it takes on the learner and on each worker, for several bucket sizes;
 3. the learner's memory per rank (weights, gradients, optimizer state) for learner groups of 1 and 2 ranks;
-4. the per-stage time of a training step in synchronous (max_staleness=0) and overlapped
-   (max_staleness=1) mode, with the job's peak memory.
+4. the stage bound: each stage of a training step measured alone at the job's batch (generation by the
+   bare engine, scoring, the reference forward, the learner's update), and their sum;
+5. the per-stage time of a training step in synchronous (max_staleness=0) and overlapped
+   (max_staleness=1) mode, with the job's peak memory, and the step time against the stage bound.
 
     .venv/bin/python bench/benchmark.py                      # SmolLM2-135M-Instruct, 64 prompts
     .venv/bin/python bench/benchmark.py --model embedded:tiny --prompts 16 --steps 2
@@ -158,7 +160,52 @@ def bench_learner_memory(cfg, model_path, prompts, ranks: list[int]) -> None:
         group.kill()
 
 
-def bench_steps(cfg_path, overrides, steps: int) -> None:
+def bench_bound(cfg, model_path, prompts, repeats: int) -> float:
+    """Each stage of one training step measured alone at the job's batch, one after another with the
+    machine to itself: generation by the bare vLLM engine, scoring, the reference forward and the learner's
+    update (its forward and backward passes). Their sum is the machine's bound on a step; returns it."""
+    from actors.reference import ReferenceModel
+    from reward_server.scorers import make_scorer
+
+    gen, n = cfg.generation, cfg.generation.samples_per_prompt
+    ids = [p.token_ids for p in prompts]
+    worker = ray.remote(BenchWorker).options(num_cpus=gen.num_cpus).remote("bound-worker", model_path, gen)
+    ray.get(worker.direct.remote(ids[:4], 1))  # warm-up
+    stages = {"generate (bare engine)": [ray.get(worker.direct.remote(ids, n))[1] for _ in range(repeats)]}
+    rollouts = ray.get(worker.generate.remote([(p.index, p.token_ids) for p in prompts], n))
+    ray.kill(worker)
+    texts = {p.index: p.text for p in prompts}
+    scorer = make_scorer(cfg.reward.scorer)
+    start = time.perf_counter()
+    scores = scorer.score([texts[r.prompt_index] for r in rollouts], [r.text for r in rollouts])
+    stages["score"] = [time.perf_counter() - start]
+    reference = ray.remote(ReferenceModel).options(num_cpus=cfg.reference.num_cpus).remote(
+        model_path, cfg.reference, dtype=cfg.ppo.dtype, autocast=cfg.ppo.autocast, temperature=gen.temperature)
+    args = ([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts])
+    ray.get(reference.ref_logprobs.remote(*(a[:2] for a in args)))  # warm-up
+    stages["reference forward"] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ref_logprobs = ray.get(reference.ref_logprobs.remote(*args))
+        stages["reference forward"].append(time.perf_counter() - start)
+    ray.kill(reference)
+    for r, lp, score in zip(rollouts, ref_logprobs, scores):
+        r.ref_logprobs, r.score = lp, float(score)
+    group = launch_learners(cfg, model_path)
+    stages["learner update"] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ray.get(group.update(rollouts))
+        stages["learner update"].append(time.perf_counter() - start)
+    group.kill()
+    medians = {k: statistics.median(v) for k, v in stages.items()}
+    tokens = sum(len(r.response_ids) for r in rollouts)
+    print(f"stage bound: {len(rollouts)} completions ({tokens} tokens), each stage alone, median of {repeats}:")
+    print("  " + " + ".join(f"{k} {v:.1f} s" for k, v in medians.items()) + f" = {sum(medians.values()):.1f} s")
+    return sum(medians.values())
+
+
+def bench_steps(cfg_path, overrides, steps: int, bound: float | None = None) -> None:
     print(f"training step stages, mean of steps 2..{steps} (step 1 warms up):")
     for staleness in (0, 1):
         with tempfile.TemporaryDirectory() as out:
@@ -173,6 +220,9 @@ def bench_steps(cfg_path, overrides, steps: int) -> None:
         mode = "synchronous (max_staleness=0)" if staleness == 0 else "overlapped (max_staleness=1)"
         print(f"  {mode}: " + ", ".join(f"{k.split('/')[1]} {v:.1f} s" for k, v in stages.items())
               + f"; {summary['samples_per_s']:.2f} samples/s, peak memory {summary['peak_memory_gib']:.1f} GiB")
+        if bound:
+            step = statistics.median(r["timing/step"] for r in rows)
+            print(f"    median step {step:.1f} s against the stage bound {bound:.1f} s: {bound / step:.2f} of the bound")
 
 
 def main() -> None:
@@ -186,9 +236,12 @@ def main() -> None:
     parser.add_argument("--buckets", type=float, nargs="*", default=[1e6, 32, 8],
                         help="publication bucket sizes (MiB) in the weight-sync figure; 1e6 = the whole model")
     parser.add_argument("--ranks", type=int, nargs="*", default=[1, 2], help="learner group sizes to measure")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["generation", "sync", "learners", "steps"])
+    parser.add_argument("--samples", type=int, default=None, help="generation.samples_per_prompt override")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["generation", "sync", "learners", "bound", "steps"])
+    parser.add_argument("overrides", nargs="*", help="run-config overrides, e.g. ppo.advantage=grpo")
     args = parser.parse_args()
-    overrides = [f"train.prompts_per_step={args.prompts}"] + ([f"model.path={args.model}"] if args.model else [])
+    overrides = ([f"train.prompts_per_step={args.prompts}"] + ([f"model.path={args.model}"] if args.model else [])
+                 + ([f"generation.samples_per_prompt={args.samples}"] if args.samples else []) + args.overrides)
     cfg = load_config(args.config, overrides)
     model_path = resolve_model(cfg.model.path)
     from transformers import AutoTokenizer
@@ -202,8 +255,11 @@ def main() -> None:
         bench_weight_sync(cfg, model_path, args.workers, args.repeats, args.buckets)
     if "learners" not in args.skip:
         bench_learner_memory(cfg, model_path, train_prompts, args.ranks)
+    bound = None
+    if "bound" not in args.skip:
+        bound = bench_bound(cfg, model_path, train_prompts[:args.prompts], args.repeats)
     if "steps" not in args.skip:
-        bench_steps(args.config, overrides, args.steps)
+        bench_steps(args.config, overrides, args.steps, bound)
 
 
 if __name__ == "__main__":

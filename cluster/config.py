@@ -111,6 +111,11 @@ class RewardConfig:
 class ReferenceConfig:
     # No dtype of its own: the reference computes in the learner's (ppo.dtype, ppo.autocast), so that its
     # log-probs and the learner's differ by the policy's change only.
+    placement: str = opt("actor", "`actor`: the reference model is its own Ray actor and computes each chunk's "
+                         "log-probs as soon as the chunk is generated; `learner`: a frozen copy in the learner's "
+                         "process computes them in the update's first pass over the batch (no second process "
+                         "competing with generation for the same cores). With LoRA it is always the learner (the "
+                         "base with adapters off)", choices=("actor", "learner"))
     device: str = opt("cpu", "device of the reference model", choices=("cpu", "cuda"))
     threads: int = opt(2, "torch CPU threads of the reference actor", ge=1)
     num_cpus: float = opt(0.5, "Ray CPUs reserved by the reference actor", ge=0.0)
@@ -154,6 +159,11 @@ class PPOConfig:
                                 "pi_learner / pi_behaviour, truncated at `is_cap`, for rollouts sampled by an older "
                                 "policy version or by vLLM's other arithmetic")
     is_cap: float = opt(2.0, "truncation of the off-policy importance weights (IMPALA's rho-bar)", ge=1.0)
+    old_logprobs: str = opt("learner", "the old log-probs the PPO ratio is clipped against: `learner` (a forward "
+                            "pass of the learner over the batch before the update) or `behaviour` (the generation "
+                            "workers' own, no such pass: on-policy only, without a value head, and worth it where "
+                            "the workers' arithmetic matches the learner's, e.g. both float32; "
+                            "`offpolicy/logprob_gap` shows the gap)", choices=("learner", "behaviour"))
     missing_eos_penalty: float = opt(0.0, "subtracted from the score of a response cut off at "
                                           "generation.max_new_tokens without EOS; 0 = off", ge=0.0)
     reward_norm: bool = opt(False, "normalise scores by their running mean and std before the KL penalty is "
@@ -361,6 +371,12 @@ class RunConfig:
     elo: EloConfig = dataclasses.field(default_factory=EloConfig)
     online: OnlineRLHFConfig = dataclasses.field(default_factory=OnlineRLHFConfig)
 
+    @property
+    def reference_in_learner(self) -> bool:
+        """The learner holds the reference model (LoRA's base, or reference.placement=learner) and computes
+        the rollouts' reference log-probs in its update: no reference actor, no reference stage in the stream."""
+        return self.ppo.lora_rank > 0 or self.reference.placement == "learner"
+
     def validate(self) -> "RunConfig":
         for section in dataclasses.fields(self):
             sub = getattr(self, section.name)
@@ -376,6 +392,11 @@ class RunConfig:
         if self.ppo.ptx_coef > 0 and not self.ppo.ptx_path:
             raise ConfigError(f"ppo.ptx_coef = {self.ppo.ptx_coef} mixes demonstrations into PPO: set ppo.ptx_path to "
                               f"a demonstration file (make one with `rlhf make-demos`), or ppo.ptx_coef=0")
+        if self.ppo.old_logprobs == "behaviour" and (self.ppo.advantage == "gae" or self.train.max_staleness > 0):
+            raise ConfigError(f"ppo.old_logprobs = behaviour takes the workers' log-probs for the learner's own: it "
+                              f"needs on-policy rollouts (train.max_staleness = 0, it is {self.train.max_staleness}) "
+                              f"and no value head (ppo.advantage grpo, rloo or reinforce_pp, it is "
+                              f"{self.ppo.advantage}), or use ppo.old_logprobs=learner")
         if self.ppo.advantage in ("grpo", "rloo") and self.generation.samples_per_prompt < 2:
             raise ConfigError(f"ppo.advantage = {self.ppo.advantage} compares the responses to one prompt with each "
                               f"other: set generation.samples_per_prompt >= 2 (it is "

@@ -129,7 +129,8 @@ def _attempt(job: Job, resume: Path | None, attempt: int) -> dict:
         link = ControlLink(control, status=lambda: stream.status(), workers=lambda: len(roles.pool.workers),
                            scale_to=roles.pool.scale_to)
         gen = cfg.generation
-        stream = RolloutStream(roles.pool, PromptLedger(job.train_prompts, cfg.data.seed), roles.reference,
+        stream = RolloutStream(roles.pool, PromptLedger(job.train_prompts, cfg.data.seed),
+                               None if cfg.reference_in_learner else roles.reference,
                                RewardClient(cfg.reward, APP_NAME, roles.reward),
                                samples_per_prompt=gen.samples_per_prompt, prompts_per_request=gen.prompts_per_request,
                                buffer_size=cfg.train.buffer_size, max_staleness=cfg.train.max_staleness,

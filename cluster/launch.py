@@ -64,7 +64,7 @@ def launch_roles(cfg, model_path: str, watchdog: Watchdog, ptx: list | None = No
     gen, ref, ppo = cfg.generation, cfg.reference, cfg.ppo
     pool = launch_pool(cfg, model_path, watchdog)
     learner = launch_learners(cfg, model_path, ptx)
-    if ppo.lora_rank:  # the base with adapters off, in the learner: no second copy of the model
+    if cfg.reference_in_learner:  # LoRA's base with adapters off, or a frozen copy, in the learner's process
         reference = learner
     else:
         # The reference model never changes, so a restarted one is the same model: Ray runs the calls that
@@ -112,7 +112,8 @@ def launch_learners(cfg, model_path: str, ptx: list | None = None) -> LearnerGro
         name="learner" if i == 0 else f"learner-{i}", num_cpus=ppo.num_cpus, num_gpus=ppo.num_gpus,
         resources=role_resources(cfg, "learner"), scheduling_strategy=in_bundle[i],
     ).remote(model_path, ppo, temperature=gen.temperature, inference_dtype=gen.dtype, rank=i,
-             world_size=ppo.num_learners, rendezvous=rendezvous, max_new_tokens=gen.max_new_tokens, ptx=ptx)
+             world_size=ppo.num_learners, rendezvous=rendezvous, max_new_tokens=gen.max_new_tokens, ptx=ptx,
+             reference=cfg.reference_in_learner)
         for i in range(ppo.num_learners)]
     return LearnerGroup(ranks, group)
 

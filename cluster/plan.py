@@ -90,6 +90,8 @@ def learner_rank(shape: ModelShape, cfg, ranks: int) -> dict[str, float]:
     # With LoRA only the adapters train: the frozen base has no gradients and no optimizer state.
     trained = shape.adapter_parameters(ppo.lora_rank, ppo.lora_targets) if ppo.lora_rank else shape.parameters
     frozen = shape.parameters if ppo.lora_rank else 0
+    if cfg.reference.placement == "learner" and not ppo.lora_rank:  # a frozen copy of the initial policy
+        frozen = shape.parameters
     plan = {
         "weights": (frozen + trained) * weight / ranks,
         "gradients": trained * weight / ranks,
@@ -134,6 +136,7 @@ def report(model_dir: str, cfg, ranks: int, device_gib: list[float]) -> str:
     tuning = (f"LoRA rank {ppo.lora_rank}: {shape.adapter_parameters(ppo.lora_rank, ppo.lora_targets) / 1e6:.1f}M "
               f"adapter parameters" if ppo.lora_rank else "full fine-tuning")
     reference = ("none: the base with adapters off, in the learner" if ppo.lora_rank
+                 else "a frozen copy in the learner (counted above)" if cfg.reference_in_learner
                  else f"weights {gib(shape.parameters * BYTES[ppo.dtype])} GiB")
     lines = [
         f"model {shape.name}: {shape.parameters / 1e9:.2f}B parameters, {shape.layers} layers, hidden "

@@ -42,7 +42,7 @@ def _whole_model(model: PolicyWithValue, *args):
 class PPOLearner:
     def __init__(self, model_path: str, cfg: PPOConfig, *, temperature: float = 1.0, inference_dtype: str = "bfloat16",
                  rank: int = 0, world_size: int = 1, rendezvous: str | None = None, max_new_tokens: int | None = None,
-                 ptx: list[tuple[list[int], list[int]]] | None = None):
+                 ptx: list[tuple[list[int], list[int]]] | None = None, reference: bool = False):
         """`cfg` is the run's PPOConfig; `temperature` the rollouts' sampling temperature and `max_new_tokens`
         their length limit (the constant of `ppo.loss_agg=seq_mean_token_sum_norm`); `inference_dtype`
         the generation workers' weight dtype, in which `publish()` sends the weights. As rank `rank` of a learner
@@ -50,7 +50,10 @@ class PPOLearner:
         and, with more than one rank, holds its shards of the model (learner/distributed.py). With
         `cfg.lora_rank` it trains LoRA adapters (learner/lora.py) and serves the reference log-probs. `ptx`:
         encoded demonstrations (prompt ids, reply ids) whose log-likelihood `cfg.ptx_coef` mixes into every
-        minibatch (PPO-ptx)."""
+        minibatch (PPO-ptx). `reference`: hold a frozen copy of the initial policy as the reference model
+        (`reference.placement=learner`). A learner that holds the reference (that one, or the base with
+        adapters off under LoRA) computes the rollouts' reference log-probs itself, in `update`'s first pass
+        over the batch, and answers `ref_logprobs` for the evaluations."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(cfg.seed)
@@ -75,8 +78,15 @@ class PPOLearner:
             torch.nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))  # as in lm-human-preferences
             torch.nn.init.zeros_(self.value_head.bias)
         self.model = PolicyWithValue(self.policy, self.value_head)
+        self.reference = None  # the frozen copy, with reference.placement=learner and full fine-tuning
+        if reference and not cfg.lora_rank:
+            frozen = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(cfg.dtype)).to(self.device)
+            self.reference = PolicyWithValue(frozen.eval().requires_grad_(False), None)
         if world_size > 1:
             distributed.shard(self.model, self.device)
+            if self.reference is not None:
+                distributed.shard(self.reference, self.device)
+        self.holds_reference = bool(cfg.lora_rank) or self.reference is not None
         groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": cfg.lr}]
         if self.value_head is not None:
             groups.append({"params": self.value_head.parameters(), "lr": cfg.value_lr})
@@ -100,19 +110,41 @@ class PPOLearner:
         """This rank's share of a minibatch's rows (all of them for a single learner)."""
         return rows[self.rank::self.world]
 
+    def _reference_forward(self, mb: RolloutBatch) -> torch.Tensor:
+        """The reference model's log-probs (B, T) of a minibatch's response tokens (no gradient)."""
+        if self.reference is None:  # LoRA: the base is the policy with its adapters switched off
+            with self.policy.disable_adapter():
+                return self._forward(mb)[0]
+        with autocast(self.device, self.cfg.autocast):
+            logits, _ = self.reference(mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
+                                       mb.response_ids.shape[1], self.temperature)
+        return ppo_math.logprobs_from_logits(logits, mb.response_ids.to(self.device))
+
     @torch.no_grad()
-    def _proximal(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs and values of the batch at the learner's current weights, before the update: the
-        proximal policy that the PPO ratio is clipped against. Each rank computes its rows of every
-        minibatch; the sum over ranks puts the whole batch on every rank."""
+    def _proximal(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-probs, values, reference log-probs) of the batch before the update. The first two are the
+        learner's at its current weights: the proximal policy that the PPO ratio is clipped against. The
+        reference's are computed here, in the same pass, when this learner holds the reference model, and
+        otherwise are the rollouts' own. Each rank computes its rows of every minibatch; the sum over ranks
+        puts the whole batch on every rank."""
         B, T = batch.response_ids.shape
-        both = torch.zeros(2, B, T)  # log-probs, values
+        # With ppo.old_logprobs=behaviour and no value head, the policy's pass is skipped: the workers'
+        # log-probs stand for it (so every importance weight is 1).
+        own = self.value_head is not None or self.cfg.old_logprobs == "learner"
+        if not (own or self.holds_reference):
+            return batch.behaviour_logprobs, torch.zeros(B, T), batch.ref_logprobs
+        out = torch.zeros(3, B, T)  # log-probs, values, reference log-probs
         for start in range(0, B, self.cfg.minibatch_size):
             rows = self._my_rows(torch.arange(start, min(start + self.cfg.minibatch_size, B)))
-            lp, v, _ = self._forward(batch.select(rows))
-            both[0, rows], both[1, rows] = lp.cpu(), v.cpu()
-        both = distributed.sum_across_ranks(both.to(self.device)).cpu()
-        return both[0], both[1]
+            mb = batch.select(rows)
+            if own:
+                lp, v, _ = self._forward(mb)
+                out[0, rows], out[1, rows] = lp.cpu(), v.cpu()
+            if self.holds_reference:
+                out[2, rows] = self._reference_forward(mb).cpu()
+        out = distributed.sum_across_ranks(out.to(self.device)).cpu()
+        return (out[0] if own else batch.behaviour_logprobs, out[1],
+                out[2] if self.holds_reference else batch.ref_logprobs)
 
     def _scores(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
         """The sequence scores PPO optimises: the reward server's, less `ppo.missing_eos_penalty` for a
@@ -128,9 +160,9 @@ class PPOLearner:
     def update(self, rollouts: list) -> dict:
         """One PPO update on a batch of scored rollouts; returns metrics and advances the policy version."""
         self.policy.train()
-        batch = collate(rollouts, self.pad_id)
+        batch = collate(rollouts, self.pad_id, with_reference=not self.holds_reference)
         mask = batch.response_mask
-        prox_logprobs, old_values = self._proximal(batch)
+        prox_logprobs, old_values, batch.ref_logprobs = self._proximal(batch)
         old_values = old_values * mask
         weights, offpolicy = ppo_math.truncated_importance_weights(prox_logprobs, batch.behaviour_logprobs, mask,
                                                                    self.cfg.is_cap)
@@ -311,18 +343,22 @@ class PPOLearner:
 
     def ref_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
                      temperature: float | None = None) -> list[list[float]]:
-        """With LoRA, the learner is the reference too: the base model's log-probs, adapters switched off
-        (the reference model's interface, actors/reference.py)."""
-        if not self.cfg.lora_rank:
-            raise RuntimeError("only a LoRA learner serves reference log-probs (ppo.lora_rank > 0)")
+        """A learner that holds the reference model (LoRA's base with adapters off, or the frozen copy of
+        reference.placement=learner) answers for it: the reference log-prob of every response token, one list
+        per row (the reference actor's interface, actors/reference.py)."""
+        if not self.holds_reference:
+            raise RuntimeError("this learner holds no reference model (ppo.lora_rank = 0 and reference.placement "
+                               "= actor): ask the reference actor")
         if not prompt_ids:
             return []
         self.policy.eval()
         # Through the whole module (the FSDP root when sharded), on every rank of a group: same rows, same steps.
+        kwargs = dict(pad_id=self.pad_id, temperature=temperature or self.temperature, autocast_dtype=self.cfg.autocast,
+                      forward=_whole_model)
+        if self.reference is not None:
+            return token_logprobs(self.reference, prompt_ids, response_ids, **kwargs)
         with self.policy.disable_adapter():
-            return token_logprobs(self.model, prompt_ids, response_ids, pad_id=self.pad_id,
-                                  temperature=temperature or self.temperature, autocast_dtype=self.cfg.autocast,
-                                  forward=_whole_model)
+            return token_logprobs(self.model, prompt_ids, response_ids, **kwargs)
 
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Per-token log-probs of given responses (temperature 1) under the learner's weights (for tests that

@@ -40,6 +40,13 @@ def test_cross_field_checks():
         build_config({"data": {"max_prompt_tokens": 500}, "generation": {"max_model_len": 512}})
     with pytest.raises(ConfigError, match="autoscale_min_workers .0. must be between 1"):
         build_config({"generation": {"autoscale_max_workers": 4}})
+    with pytest.raises(ConfigError, match=r"needs on-policy rollouts \(train.max_staleness = 0, it is 1\)"):
+        build_config({"ppo": {"old_logprobs": "behaviour", "advantage": "reinforce_pp"}, "train": {"max_staleness": 1}})
+    with pytest.raises(ConfigError, match="and no value head .* it is gae"):
+        build_config({"ppo": {"old_logprobs": "behaviour"}})
+    assert build_config({"ppo": {"old_logprobs": "behaviour", "advantage": "reinforce_pp"}}).ppo.old_logprobs == "behaviour"
+    assert build_config({"reference": {"placement": "learner"}}).reference_in_learner
+    assert build_config({"ppo": {"lora_rank": 8}}).reference_in_learner and not build_config({}).reference_in_learner
 
 
 def test_a_learner_group_needs_a_share_of_every_minibatch_per_rank():

@@ -54,6 +54,30 @@ def test_the_reference_computes_as_the_learner_does_so_the_kl_starts_at_zero(tin
     assert max(abs(a - b) for a, b in zip(hotter, refs[0])) > 1e-3
 
 
+def test_a_learner_holding_the_reference_trains_as_with_the_reference_actor(tiny):
+    # reference.placement=learner: the rollouts come without reference log-probs and the learner's frozen
+    # copy supplies them in the update's first pass, the same numbers as the reference actor's
+    with_actor, holding = make_learner(tiny), PPOLearner(
+        tiny, PPOConfig(autocast="none", threads=1, minibatch_size=8), inference_dtype="float32", reference=True)
+    reference = ReferenceModel(tiny, ReferenceConfig(threads=1), dtype="float32", autocast="none")
+    batch = rollouts(with_actor)
+    refs = reference.ref_logprobs([r.prompt_ids for r in batch], [r.response_ids for r in batch])
+    for _ in range(2):  # the second update has a policy away from the reference: a KL to shape the rewards
+        for r, ref in zip(batch, refs):
+            r.ref_logprobs = ref
+        ours = with_actor.update(batch)
+        for r in batch:
+            r.ref_logprobs = None
+        theirs = holding.update(batch)
+    assert ours["kl/mean"] > 1e-4 and theirs["kl/mean"] == pytest.approx(ours["kl/mean"], rel=1e-4, abs=1e-6)
+    for a, b in zip(with_actor.policy.parameters(), holding.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # it answers for the reference (the evaluation's KL): the initial policy's log-probs, not its own
+    held = holding.ref_logprobs([r.prompt_ids for r in batch], [r.response_ids for r in batch])
+    assert max(abs(a - b) for x, y in zip(held, refs) for a, b in zip(x, y)) < 1e-5
+    assert make_learner(tiny).holds_reference is False
+
+
 def test_rollouts_from_an_older_policy_are_weighted_and_truncated(tiny):
     """The behaviour policy gave every sampled token a quarter of the learner's probability: w = 4 on every
     token, truncated at is_cap = 2. With one minibatch and one epoch, the loss and the KL estimate are
@@ -146,6 +170,23 @@ def test_critic_free_estimators_train_without_a_value_head_toward_the_better_res
     after = learner.logprobs([r.prompt_ids for r in batch], [r.response_ids for r in batch])
     change = [sum(a) - sum(b) for a, b in zip(after, before)]
     assert all(c > 0 for c in change[0::2]) and all(c < 0 for c in change[1::2])  # better up, worse down
+
+
+def test_the_workers_log_probs_stand_for_the_learners_pass_on_policy(tiny):
+    # ppo.old_logprobs=behaviour: no forward pass before the update; on-policy the workers' log-probs are
+    # the learner's own, so the update is the same, and the old log-probs really are the rollouts'
+    own, theirs = (make_learner(tiny, advantage="grpo", old_logprobs=o) for o in ("learner", "behaviour"))
+    batch = grouped(own)
+    assert own.update(batch)["policy/clip_frac"] == theirs.update(batch)["policy/clip_frac"] == 0.0
+    for a, b in zip(own.policy.parameters(), theirs.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    shifted, again = make_learner(tiny, advantage="grpo", old_logprobs="behaviour"), grouped(own)
+    for r in again:
+        r.logprobs = [lp - 0.5 for lp in r.logprobs]  # a policy that found every token less likely
+    metrics = shifted.update(again)
+    # ratio exp(0.5), far outside the clip range: every token with a positive advantage (half) is clipped
+    assert metrics["policy/clip_frac"] > 0.4
+    assert metrics["offpolicy/logprob_gap"] == 0.0
 
 
 def test_ppo_ptx_mixes_the_demonstrations_log_likelihood_into_each_step(tiny):

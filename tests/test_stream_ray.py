@@ -144,6 +144,16 @@ def test_on_policy_nothing_is_generated_beyond_the_batch(ray_session):
     assert_exactly_once(stream, batches)
 
 
+def test_without_a_reference_stage_rollouts_are_complete_once_scored(ray_session):
+    # reference.placement=learner (or LoRA): the learner computes the reference log-probs in its update
+    stream = RolloutStream(WorkerPool(workers(2), spawn=spawn), PromptLedger(PROMPTS), None, InstantReward(),
+                           samples_per_prompt=2, prompts_per_request=4, buffer_size=16, max_staleness=0)
+    batches = [step(stream) for _ in range(3)]
+    assert all(r.score == 2.0 and r.ref_logprobs is None for b in batches for r in b)
+    assert_exactly_once(stream, batches)
+    assert stream.lap_stage_times()["timing/reference"] == 0.0
+
+
 def test_a_worker_that_dies_is_restarted_with_current_weights_and_loses_no_prompt(ray_session, tmp_path):
     ws = workers(2, max_restarts=1, marker=str(tmp_path / "died"), die_on_call=3)
     stream = make_stream(ws)
