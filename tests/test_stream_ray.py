@@ -149,7 +149,7 @@ def test_without_a_reference_stage_rollouts_are_complete_once_scored(ray_session
     stream = RolloutStream(WorkerPool(workers(2), spawn=spawn), PromptLedger(PROMPTS), None, InstantReward(),
                            samples_per_prompt=2, prompts_per_request=4, buffer_size=16, max_staleness=0)
     batches = [step(stream) for _ in range(3)]
-    assert all(r.score == 2.0 and r.ref_logprobs is None for b in batches for r in b)
+    assert all(r.score == len(r.text) and r.ref_logprobs is None for b in batches for r in b)
     assert_exactly_once(stream, batches)
     assert stream.lap_stage_times()["timing/reference"] == 0.0
 
