@@ -192,6 +192,7 @@ def bench_bound(cfg, model_path, prompts, repeats: int) -> float:
     for r, lp, score in zip(rollouts, ref_logprobs, scores):
         r.ref_logprobs, r.score = lp, float(score)
     group = launch_learners(cfg, model_path)
+    ray.get(group.update(rollouts))  # warm-up
     stages["learner update"] = []
     for _ in range(repeats):
         start = time.perf_counter()
