@@ -89,9 +89,8 @@ def learner_rank(shape: ModelShape, cfg, ranks: int) -> dict[str, float]:
     per_token_layer = 7 * shape.hidden + 3 * shape.kv_width + 4 * shape.intermediate
     # With LoRA only the adapters train: the frozen base has no gradients and no optimizer state.
     trained = shape.adapter_parameters(ppo.lora_rank, ppo.lora_targets) if ppo.lora_rank else shape.parameters
-    frozen = shape.parameters if ppo.lora_rank else 0
-    if cfg.reference.placement == "learner" and not ppo.lora_rank:  # a frozen copy of the initial policy
-        frozen = shape.parameters
+    # A learner that holds the reference also holds the frozen base (LoRA's, or a copy of the initial policy).
+    frozen = shape.parameters if cfg.reference_in_learner else 0
     plan = {
         "weights": (frozen + trained) * weight / ranks,
         "gradients": trained * weight / ranks,

@@ -98,12 +98,13 @@ class PPOLearner:
         self.transfer = None  # vLLM's NCCL weight-transfer engine, once `open_weight_transfer` has run
         self.ptx, self.ptx_next = (ptx or []) if cfg.ptx_coef > 0 else [], 0
 
-    def _forward(self, mb: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logprobs (B, T), values (B, T), logits (B, T, V)) of a minibatch's response tokens; log-probs
-        and logits in float32."""
+    def _forward(self, mb: RolloutBatch, model: PolicyWithValue | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logprobs (B, T), values (B, T), logits (B, T, V)) of a minibatch's response tokens under the
+        policy (or `model`); log-probs and logits in float32."""
         with autocast(self.device, self.cfg.autocast):
-            logits, values = self.model(mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
-                                        mb.response_ids.shape[1], self.temperature)
+            logits, values = (model or self.model)(mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
+                                                   mb.response_ids.shape[1], self.temperature)
         return ppo_math.logprobs_from_logits(logits, mb.response_ids.to(self.device)), values, logits
 
     def _my_rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -115,10 +116,7 @@ class PPOLearner:
         if self.reference is None:  # LoRA: the base is the policy with its adapters switched off
             with self.policy.disable_adapter():
                 return self._forward(mb)[0]
-        with autocast(self.device, self.cfg.autocast):
-            logits, _ = self.reference(mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
-                                       mb.response_ids.shape[1], self.temperature)
-        return ppo_math.logprobs_from_logits(logits, mb.response_ids.to(self.device))
+        return self._forward(mb, self.reference)[0]
 
     @torch.no_grad()
     def _proximal(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
