@@ -206,15 +206,21 @@ def bench_bound(cfg, model_path, prompts, repeats: int) -> float:
     return sum(medians.values())
 
 
+def run_job(cfg_path, overrides: list[str], steps: int) -> tuple[object, dict, list[dict]]:
+    """(config, summary, metrics rows) of `steps` steps of the job, in a scratch directory, with no W&B run
+    and no evaluation after the one at the start."""
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(cfg_path, [*overrides, f"train.steps={steps}", f"train.output_dir={out}",
+                                     "train.wandb_mode=disabled", f"train.eval_every={steps * 10}"])
+        summary = train(cfg)
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return cfg, summary, rows
+
+
 def bench_steps(cfg_path, overrides, steps: int, bound: float | None = None) -> None:
     print(f"training step stages, mean of steps 2..{steps} (step 1 warms up):")
     for staleness in (0, 1):
-        with tempfile.TemporaryDirectory() as out:
-            cfg = load_config(cfg_path, [*overrides, f"train.steps={steps}", f"train.max_staleness={staleness}",
-                                         f"train.output_dir={out}", "train.wandb_mode=disabled",
-                                         f"train.eval_every={steps * 10}"])
-            summary = train(cfg)
-            rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        _, summary, rows = run_job(cfg_path, [*overrides, f"train.max_staleness={staleness}"], steps)
         rows = [r for r in rows if r["step"] >= 2] or [r for r in rows if r["step"] >= 1]
         stages = {k: statistics.mean(r[k] for r in rows) for k in rows[0] if k.startswith("timing/")
                   and not k.endswith("_total")}

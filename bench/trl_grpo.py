@@ -16,20 +16,19 @@ warm-up and the median of the rest is compared, as completions per second.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from actors.prompts import load_prompts
 from cluster.cli import DEFAULT_CONFIG
 from cluster.config import load_config
-from cluster.job import train
 from cluster.models import resolve_model
 from reward_server.scorers import make_scorer
+
+from benchmark import run_job  # bench/, this script's own folder
 
 COMPLETIONS, GENERATIONS = 64, 4  # per TRL update: 16 prompts x 4 completions
 
@@ -76,13 +75,9 @@ def run_trl(cfg, model_path: str, prompts: list[str], rounds: int, beta: float) 
     return [b - a for a, b in zip(clock.marks, clock.marks[1:])]
 
 
-def run_job(config: str, overrides: list[str], rounds: int) -> tuple[list[float], int]:
+def job_seconds(config: str, overrides: list[str], rounds: int) -> tuple[list[float], int]:
     """Step seconds of `rounds` steps of this project's job (no evaluation), and its completions per step."""
-    with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(config, [*overrides, f"train.steps={rounds}", f"train.output_dir={out}",
-                                   "train.wandb_mode=disabled", f"train.eval_every={rounds * 10}"])
-        train(cfg)
-        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    cfg, _, rows = run_job(config, overrides, rounds)
     steps = [r["timing/step"] for r in rows if "timing/step" in r]
     return steps, cfg.train.prompts_per_step * cfg.generation.samples_per_prompt
 
@@ -109,7 +104,7 @@ def main() -> None:
     train_prompts, _ = load_prompts(cfg.data, AutoTokenizer.from_pretrained(model_path))
     figures = {}
     if "job" not in args.skip:
-        seconds, completions = run_job(args.config, args.overrides, args.rounds)
+        seconds, completions = job_seconds(args.config, args.overrides, args.rounds)
         figures["this project (rlhf train)"] = (*rate(seconds, completions), completions)
     if "trl" not in args.skip:
         seconds = run_trl(cfg, model_path, [p.text for p in train_prompts], args.rounds, args.beta)
