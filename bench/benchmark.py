@@ -179,25 +179,29 @@ def bench_bound(cfg, model_path, prompts, repeats: int) -> float:
     start = time.perf_counter()
     scores = scorer.score([texts[r.prompt_index] for r in rollouts], [r.text for r in rollouts])
     stages["score"] = [time.perf_counter() - start]
-    reference = ray.remote(ReferenceModel).options(num_cpus=cfg.reference.num_cpus).remote(
-        model_path, cfg.reference, dtype=cfg.ppo.dtype, autocast=cfg.ppo.autocast, temperature=gen.temperature)
-    args = ([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts])
-    ray.get(reference.ref_logprobs.remote(*(a[:2] for a in args)))  # warm-up
-    stages["reference forward"] = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        ref_logprobs = ray.get(reference.ref_logprobs.remote(*args))
-        stages["reference forward"].append(time.perf_counter() - start)
-    ray.kill(reference)
-    for r, lp, score in zip(rollouts, ref_logprobs, scores):
-        r.ref_logprobs, r.score = lp, float(score)
+    for r, score in zip(rollouts, scores):
+        r.score = float(score)
+    if not cfg.reference_in_learner:  # else the learner's update includes the reference forward
+        reference = ray.remote(ReferenceModel).options(num_cpus=cfg.reference.num_cpus).remote(
+            model_path, cfg.reference, dtype=cfg.ppo.dtype, autocast=cfg.ppo.autocast, temperature=gen.temperature)
+        args = ([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts])
+        ray.get(reference.ref_logprobs.remote(*(a[:2] for a in args)))  # warm-up
+        stages["reference forward"] = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            ref_logprobs = ray.get(reference.ref_logprobs.remote(*args))
+            stages["reference forward"].append(time.perf_counter() - start)
+        ray.kill(reference)
+        for r, lp in zip(rollouts, ref_logprobs):
+            r.ref_logprobs = lp
     group = launch_learners(cfg, model_path)
     ray.get(group.update(rollouts))  # warm-up
-    stages["learner update"] = []
+    update = "learner update" + (" (with the reference forward)" if cfg.reference_in_learner else "")
+    stages[update] = []
     for _ in range(repeats):
         start = time.perf_counter()
         ray.get(group.update(rollouts))
-        stages["learner update"].append(time.perf_counter() - start)
+        stages[update].append(time.perf_counter() - start)
     group.kill()
     medians = {k: statistics.median(v) for k, v in stages.items()}
     tokens = sum(len(r.response_ids) for r in rollouts)
@@ -217,9 +221,9 @@ def run_job(cfg_path, overrides: list[str], steps: int) -> tuple[object, dict, l
     return cfg, summary, rows
 
 
-def bench_steps(cfg_path, overrides, steps: int, bound: float | None = None) -> None:
+def bench_steps(cfg_path, overrides, steps: int, bound: float | None = None, modes=(0, 1)) -> None:
     print(f"training step stages, mean of steps 2..{steps} (step 1 warms up):")
-    for staleness in (0, 1):
+    for staleness in modes:
         _, summary, rows = run_job(cfg_path, [*overrides, f"train.max_staleness={staleness}"], steps)
         rows = [r for r in rows if r["step"] >= 2] or [r for r in rows if r["step"] >= 1]
         stages = {k: statistics.mean(r[k] for r in rows) for k in rows[0] if k.startswith("timing/")
@@ -244,6 +248,8 @@ def main() -> None:
                         help="publication bucket sizes (MiB) in the weight-sync figure; 1e6 = the whole model")
     parser.add_argument("--ranks", type=int, nargs="*", default=[1, 2], help="learner group sizes to measure")
     parser.add_argument("--samples", type=int, default=None, help="generation.samples_per_prompt override")
+    parser.add_argument("--staleness", type=int, nargs="*", default=[0, 1],
+                        help="train.max_staleness of each measured job (ppo.old_logprobs=behaviour needs 0)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["generation", "sync", "learners", "bound", "steps"])
     parser.add_argument("overrides", nargs="*", help="run-config overrides, e.g. ppo.advantage=grpo")
     args = parser.parse_args()
@@ -266,7 +272,7 @@ def main() -> None:
     if "bound" not in args.skip:
         bound = bench_bound(cfg, model_path, train_prompts[:args.prompts], args.repeats)
     if "steps" not in args.skip:
-        bench_steps(args.config, overrides, args.steps, bound)
+        bench_steps(args.config, overrides, args.steps, bound, args.staleness)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from reward_server.scorers import make_scorer
 
 from benchmark import run_job  # bench/, this script's own folder
 
-COMPLETIONS, GENERATIONS = 64, 4  # per TRL update: 16 prompts x 4 completions
+COMPLETIONS, GENERATIONS, MINIBATCH = 64, 4, 16  # per TRL update: 16 prompts x 4 completions, steps of 16
 
 
 def run_trl(cfg, model_path: str, prompts: list[str], rounds: int, beta: float) -> list[float]:
@@ -53,17 +53,20 @@ def run_trl(cfg, model_path: str, prompts: list[str], rounds: int, beta: float) 
             self.marks = [time.perf_counter()]
 
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step % (COMPLETIONS // args.per_device_train_batch_size) == 0:
+            if state.global_step % steps == 0:
                 self.marks.append(time.perf_counter())
 
     torch.set_num_threads(cfg.ppo.threads)
-    per_step = COMPLETIONS // GENERATIONS
+    # One generation of 64 completions serves 4 optimizer steps of 16 (no gradient accumulation), as in the
+    # job; TRL's default (steps_per_generation = gradient_accumulation_steps) would instead make one step of 64.
+    steps = COMPLETIONS // MINIBATCH
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(
-            output_dir=out, per_device_train_batch_size=per_step, gradient_accumulation_steps=GENERATIONS,
-            num_generations=GENERATIONS, max_completion_length=cfg.generation.max_new_tokens,
+            output_dir=out, per_device_train_batch_size=MINIBATCH, gradient_accumulation_steps=1,
+            steps_per_generation=steps, num_generations=GENERATIONS,
+            max_completion_length=cfg.generation.max_new_tokens,
             temperature=cfg.generation.temperature, learning_rate=cfg.ppo.lr, beta=beta,
-            max_steps=rounds * GENERATIONS, logging_steps=1, save_strategy="no", report_to=[],
+            max_steps=rounds * steps, logging_steps=1, save_strategy="no", report_to=[],
             use_cpu=cfg.ppo.device == "cpu", bf16=cfg.ppo.autocast == "bfloat16", dataloader_num_workers=0, seed=0)
         data = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
         clock = RoundClock()
