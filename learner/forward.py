@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from transformers import DynamicCache
 
 from actors.rollout import pad
 from learner.ppo_math import logprobs_from_logits
@@ -43,14 +44,38 @@ def response_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     49k vocabulary they would be most of the memory. It runs outside autocast, in float32.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids).last_hidden_state
+    decoder = model.get_decoder()
+    prefix = input_ids.shape[1] - response_len - 1  # the prompt but its last token, which predicts the first reply's
+    firsts, rows = shared_prompts(input_ids[:, :prefix], attention_mask[:, :prefix]) if prefix > 0 else (None, None)
+    if firsts is None:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    else:
+        # Rows that answer the same prompt (a group of samples) share its forward: the prompt runs once into a
+        # key/value cache, copied to each of its rows, and the rows run only their replies on top. Same
+        # arithmetic as the full forward; the gradient of the shared prompt is the sum over its rows.
+        cache = DynamicCache(config=decoder.config)
+        decoder(input_ids=input_ids[firsts, :prefix], attention_mask=attention_mask[firsts, :prefix],
+                position_ids=position_ids[firsts, :prefix], past_key_values=cache, use_cache=True)
+        cache.batch_select_indices(rows)
+        hidden = decoder(input_ids=input_ids[:, prefix:], attention_mask=attention_mask,
+                         position_ids=position_ids[:, prefix:], past_key_values=cache, use_cache=True).last_hidden_state
     hidden = hidden[:, -response_len - 1:-1]  # position P-1+t predicts response token t
     head = model.get_output_embeddings()
     with torch.autocast(hidden.device.type, enabled=False):
         bias = None if head.bias is None else head.bias.float()
         logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
     return logits / temperature, hidden
+
+
+def shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """(the first row of each distinct prompt, each row's index into those) when some rows of a left-padded
+    batch share a prompt, else (None, None)."""
+    distinct, rows = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], dim=1), dim=0, return_inverse=True)
+    if len(distinct) == len(rows):
+        return None, None
+    firsts = torch.full((len(distinct),), len(rows), dtype=torch.long, device=rows.device)
+    return firsts.scatter_reduce(0, rows, torch.arange(len(rows), device=rows.device), "amin"), rows
 
 
 @torch.no_grad()

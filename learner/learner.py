@@ -108,8 +108,16 @@ class PPOLearner:
         return ppo_math.logprobs_from_logits(logits, mb.response_ids.to(self.device)), values, logits
 
     def _my_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """This rank's share of a minibatch's rows (all of them for a single learner)."""
-        return rows[self.rank::self.world]
+        """This rank's share of a minibatch's rows (all of them for a single learner): a contiguous slice, so
+        that the samples of one prompt stay together and share its forward (learner/forward.py)."""
+        return rows.tensor_split(self.world)[self.rank]
+
+    def _grouped_order(self, groups: torch.Tensor) -> torch.Tensor:
+        """The batch's rows in a random order of their groups, each group's rows together: minibatches then hold
+        whole groups, whose samples share their prompt's forward."""
+        _, group_of_row = torch.unique(groups, return_inverse=True)
+        group_rank = torch.randperm(int(group_of_row.max()) + 1, generator=self.generator)
+        return torch.argsort(group_rank[group_of_row], stable=True)
 
     def _reference_forward(self, mb: RolloutBatch) -> torch.Tensor:
         """The reference model's log-probs (B, T) of a minibatch's response tokens (no gradient)."""
@@ -132,8 +140,9 @@ class PPOLearner:
         if not (own or self.holds_reference):
             return batch.behaviour_logprobs, torch.zeros(B, T), batch.ref_logprobs
         out = torch.zeros(3, B, T)  # log-probs, values, reference log-probs
+        order = torch.argsort(batch.groups, stable=True)  # a group's rows in one chunk where they fit
         for start in range(0, B, self.cfg.minibatch_size):
-            rows = self._my_rows(torch.arange(start, min(start + self.cfg.minibatch_size, B)))
+            rows = self._my_rows(order[start:start + self.cfg.minibatch_size])
             mb = batch.select(rows)
             if own:
                 lp, v, _ = self._forward(mb)
@@ -174,7 +183,7 @@ class PPOLearner:
         totals: dict[str, list[float]] = {}
         B, mbs = len(rollouts), self.cfg.minibatch_size
         for _ in range(self.cfg.epochs):
-            order = torch.randperm(B, generator=self.generator)
+            order = self._grouped_order(batch.groups)
             for s in range(0, B, mbs):
                 rows = order[s:s + mbs]
                 stats = self._step(batch.select(rows), prox_logprobs[rows], old_values[rows], advantages[rows],

@@ -21,7 +21,7 @@ def tiny() -> str:
 
 
 def make_learner(tiny, **options) -> PPOLearner:
-    cfg = PPOConfig(autocast="none", threads=1, minibatch_size=8, **options)
+    cfg = PPOConfig(**{"autocast": "none", "threads": 1, "minibatch_size": 8, **options})
     return PPOLearner(tiny, cfg, inference_dtype="float32")
 
 
@@ -210,3 +210,30 @@ def test_ppo_ptx_mixes_the_demonstrations_log_likelihood_into_each_step(tiny):
                                                                                                ("mixed", mixed)]}
     assert after["mixed"] < before - 0.05 and after["mixed"] < after["plain"] - 0.05
     assert mixed.perplexity(ptx)["eval/loss"] == pytest.approx(after["mixed"], abs=1e-5)
+
+
+def test_the_samples_of_one_prompt_share_its_forward_and_train_as_if_each_ran_alone(tiny, monkeypatch):
+    from learner import forward
+
+    batch = grouped(make_learner(tiny), seed=3)
+    random.Random(0).shuffle(batch)  # the stream delivers groups in any order
+    shared_counts = []
+
+    def spy(prompt_ids, prompt_mask):
+        firsts, rows = real(prompt_ids, prompt_mask)
+        shared_counts.append((len(prompt_ids), None if firsts is None else len(firsts)))
+        return firsts, rows
+
+    real = forward.shared_prompts
+    alone = make_learner(tiny, advantage="grpo", minibatch_size=4, lr=1e-3)
+    monkeypatch.setattr(forward, "shared_prompts", lambda ids, mask: (None, None))
+    expected = alone.update(batch)
+    sharing = make_learner(tiny, advantage="grpo", minibatch_size=4, lr=1e-3)
+    monkeypatch.setattr(forward, "shared_prompts", spy)
+    metrics = sharing.update(batch)
+    # every minibatch of 4 held two whole groups (two prompts, each run once for its two samples)
+    assert shared_counts and all(counts == (4, 2) for counts in shared_counts)
+    assert metrics["loss/policy"] == pytest.approx(expected["loss/policy"], abs=1e-6)
+    # Adam moves every parameter by ~lr (1e-3) whatever its gradient's size; rounding moves a few by ~1e-6
+    for a, b in zip(alone.policy.parameters(), sharing.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
