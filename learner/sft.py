@@ -110,7 +110,7 @@ class Trainer:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(cfg.dtype)).to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = self.model.config.pad_token_id or 0
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
 
     def loss(self, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError

@@ -46,6 +46,13 @@ def test_cross_field_checks():
         build_config({"ppo": {"old_logprobs": "behaviour"}})
     assert build_config({"ppo": {"old_logprobs": "behaviour", "advantage": "reinforce_pp"}}).ppo.old_logprobs == "behaviour"
     assert build_config({"reference": {"placement": "learner"}}).reference_in_learner
+    # auto: the workers' log-probs where they are the learner's own (float32 on both sides), else the learner's
+    fp32 = {"generation": {"dtype": "float32", "samples_per_prompt": 2}, "ppo": {"autocast": "none", "advantage": "grpo"}}
+    assert build_config(fp32).ppo.old_logprobs == "behaviour"
+    for other in ({"generation": {"dtype": "bfloat16"}}, {"ppo": {"autocast": "bfloat16"}}, {"ppo": {"advantage": "gae"}},
+                  {"train": {"max_staleness": 1}}, {"ppo": {"lora_rank": 8}}):
+        mixed = {k: {**fp32.get(k, {}), **other.get(k, {})} for k in {*fp32, *other}}
+        assert build_config(mixed).ppo.old_logprobs == "learner", other
     assert build_config({"ppo": {"lora_rank": 8}}).reference_in_learner and not build_config({}).reference_in_learner
 
 

@@ -76,6 +76,11 @@ def test_a_learner_holding_the_reference_trains_as_with_the_reference_actor(tiny
     held = holding.ref_logprobs([r.prompt_ids for r in batch], [r.response_ids for r in batch])
     assert max(abs(a - b) for x, y in zip(held, refs) for a, b in zip(x, y)) < 1e-5
     assert make_learner(tiny).holds_reference is False
+    # without a KL penalty nothing needs the reference's log-probs: no forward of it, no KL reported
+    unpenalised = PPOLearner(tiny, PPOConfig(autocast="none", threads=1, minibatch_size=8, kl_coef=0.0),
+                             inference_dtype="float32", reference=True)
+    unpenalised._reference_forward = None  # calling it would fail the update
+    assert "kl/mean" not in unpenalised.update(batch)
 
 
 def test_rollouts_from_an_older_policy_are_weighted_and_truncated(tiny):
