@@ -10,7 +10,7 @@
 5. the per-stage time of a training step in synchronous (max_staleness=0) and overlapped
    (max_staleness=1) mode, with the job's peak memory, and the step time against the stage bound.
 
-    .venv/bin/python bench/benchmark.py                      # SmolLM2-135M-Instruct, 64 prompts
+    .venv/bin/python bench/benchmark.py                      # SmolLM2-135M-Instruct, the default job's batch
     .venv/bin/python bench/benchmark.py --model embedded:tiny --prompts 16 --steps 2
 """
 
@@ -240,7 +240,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--model", default=None, help="model.path override, e.g. embedded:tiny")
-    parser.add_argument("--prompts", type=int, default=64, help="prompts per batch")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per batch (default: the config's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="workers in the weight-sync figure")
     parser.add_argument("--steps", type=int, default=3, help="training steps per mode")
@@ -253,9 +253,11 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["generation", "sync", "learners", "bound", "steps"])
     parser.add_argument("overrides", nargs="*", help="run-config overrides, e.g. ppo.advantage=grpo")
     args = parser.parse_args()
-    overrides = ([f"train.prompts_per_step={args.prompts}"] + ([f"model.path={args.model}"] if args.model else [])
+    overrides = ([f"train.prompts_per_step={args.prompts}"] * bool(args.prompts)
+                 + ([f"model.path={args.model}"] if args.model else [])
                  + ([f"generation.samples_per_prompt={args.samples}"] if args.samples else []) + args.overrides)
     cfg = load_config(args.config, overrides)
+    args.prompts = cfg.train.prompts_per_step
     model_path = resolve_model(cfg.model.path)
     from transformers import AutoTokenizer
 
