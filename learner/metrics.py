@@ -96,8 +96,9 @@ class RunLogger:
         evals = (f" | held-out gold {m['eval/gold_reward_mean']:+.3f} proxy {m['eval/proxy_reward_mean']:+.3f}"
                  if "eval/gold_reward_mean" in m else "")
         stages = " ".join(f"{name} {m['timing/' + name]:.1f}s" for name in ("generate", "score", "reference"))
+        kl = f"{m['kl/mean']:.2f}" if "kl/mean" in m else "not computed"  # no penalty, no reference forward
         line = (f"step {step}/{self.total_steps} | reward {m['rollout/score_mean']:+.3f}{evals} | "
-                f"kl {m.get('kl/mean', float('nan')):.2f} (beta {m['kl/coef']:.3f}) | lag {m['version/lag_mean']:.1f} | "
+                f"kl {kl} (beta {m['kl/coef']:.3f}) | lag {m['version/lag_mean']:.1f} | "
                 f"{m['throughput/tokens_per_s']:.0f} tok/s | take {m['timing/take']:.1f}s ({stages}) "
                 f"update {m['timing/update']:.1f}s publish {m['timing/publish']:.1f}s step {m['timing/step']:.1f}s"
                 f" | ETA {self.steps.eta_s() / 60:.1f} min")
