@@ -1,4 +1,5 @@
-"""The run configuration: one typed dataclass per component, composed into `RunConfig`.
+"""The run configuration: one typed dataclass per component, composed into `RunConfig`. The PPO job's
+sections are here, the other pipeline stages' in cluster/pipeline_config.py; every name is imported from here.
 
 A run is described by one YAML file plus dotted command-line overrides
 (`ppo.lr=2e-5 generation.num_workers=2`). Every field carries its help text and its allowed
@@ -17,24 +18,9 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or out of range."""
-
-
-def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
-        le: float | None = None, lt: float | None = None, choices: tuple | None = None):
-    """A config field with its help text and allowed range."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-DTYPES = ("float32", "bfloat16", "float16")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-AUTO_HELP = "`auto`: bfloat16 on CUDA or on a CPU with native bf16 (AVX512-BF16/AMX), else float32"
-AUTOCAST_HELP = "autocast compute dtype; `none` computes in `dtype`; " + AUTO_HELP.replace("float32", "none")
+from cluster.config_fields import AUTO_HELP, AUTOCAST_HELP, DTYPES, LOOPBACK, ConfigError, opt
+from cluster.pipeline_config import (DPOConfig, EloConfig, OnlineRLHFConfig, PreferenceConfig, RewardModelConfig,
+                                     SFTConfig, WestOfNConfig)
 
 
 @dataclass
@@ -233,126 +219,6 @@ class TrainConfig:
     hang_timeout_s: float = opt(1200.0, "a job none of whose remote calls has finished for this long is stuck: it "
                                 "names the stuck roles, writes their Python stacks to output_dir, checkpoints "
                                 "and exits non-zero (raise it if one learner update takes longer)", gt=0.0)
-
-
-@dataclass
-class PreferenceConfig:
-    path: str = opt("", "preference pairs: a local .jsonl/.json/.parquet/.csv file or a Hub dataset name")
-    form: str = opt("explicit", "`explicit`: prompt/chosen/rejected columns; `conversation`: chosen and "
-                    "rejected are whole dialogues sharing a prefix (Anthropic HH-RLHF)",
-                    choices=("explicit", "conversation"))
-    prompt_column: str = opt("prompt", "column of the prompt (explicit form)")
-    chosen_column: str = opt("chosen", "column of the preferred response or dialogue")
-    rejected_column: str = opt("rejected", "column of the other response or dialogue")
-    on_bad_row: str = opt("error", "a row with a missing column, an empty string or chosen == rejected: "
-                          "`error` lists them all and stops, `skip` drops and counts them", choices=("error", "skip"))
-    eval_path: str = opt("", "held-out pairs; empty = split `eval_fraction` of `path` off")
-    eval_fraction: float = opt(0.1, "share of `path` held out when `eval_path` is empty", gt=0.0, lt=1.0)
-    num_pairs: int = opt(256, "pairs `rlhf make-preferences` generates", ge=1)
-    labeller: str = opt("vader", "scorer that labels generated pairs (same forms as reward.scorer)")
-    flip_fraction: float = opt(0.2, "share of generated labels flipped, like annotators who disagree", ge=0.0, lt=0.5)
-    min_margin: float = opt(0.05, "generated pairs whose labeller scores differ by less are ties, dropped", ge=0.0)
-    seed: int = opt(0, "seed of the eval split, the label flips and the generation order")
-
-
-@dataclass
-class RewardModelConfig:
-    base: str = opt("embedded:smollm2-135m-instruct", "LM under the scalar head (same forms as model.path)")
-    output_dir: str = opt("runs/reward_model", "where the trained reward model (an HF directory) is saved")
-    lr: float = opt(2e-5, "AdamW learning rate of the LM", gt=0.0, lt=1.0)
-    head_lr: float = opt(1e-3, "AdamW learning rate of the freshly initialised scalar head", gt=0.0, lt=1.0)
-    epochs: int = opt(2, "passes over the training pairs", ge=1, le=100)
-    batch_size: int = opt(16, "pairs per optimiser step", ge=1)
-    max_length: int = opt(256, "longest conversation, tokens; longer ones lose their end", ge=16)
-    train_layers: int = opt(0, "train only the top k transformer blocks and the head; 0 = all", ge=0)
-    num_layers: int = opt(0, "keep only the lowest k transformer blocks of the base (the reward model is that "
-                          "deep); 0 = all", ge=0)
-    pooling: str = opt("last", "where the scalar head reads: `last` token (transformers' default) or `mean` "
-                       "over the response tokens", choices=("last", "mean"))
-    max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0.0)
-    dtype: str = opt("float32", "weight dtype while training", choices=DTYPES)
-    autocast: str = opt("auto", AUTOCAST_HELP, choices=("auto", "none") + DTYPES)
-    device: str = opt("cpu", "training device", choices=("cpu", "cuda"))
-    threads: int = opt(2, "torch CPU threads", ge=1)
-    seed: int = opt(0, "seed of the head initialisation and the batch order")
-
-
-@dataclass
-class SFTConfig:
-    path: str = opt("", "demonstrations (JSONL/JSON/Parquet/CSV or a Hub dataset): prompt/response columns, or a "
-                        "messages column of role/content dialogues ending with the assistant's reply")
-    eval_path: str = opt("", "held-out demonstrations; empty = hold out sft.eval_fraction of sft.path")
-    eval_fraction: float = opt(0.1, "share of sft.path held out when sft.eval_path is empty", gt=0.0, lt=1.0)
-    prompt_column: str = opt("prompt", "column of the requests (a string or role/content messages)")
-    response_column: str = opt("response", "column of the demonstrated replies")
-    messages_column: str = opt("messages", "column of whole dialogues, read instead of prompt/response when present")
-    on_bad_row: str = opt("error", "a bad row (empty, missing reply, too long): `error` names them all; `skip` "
-                                   "trains without them", choices=("error", "skip"))
-    max_length: int = opt(256, "longest demonstration, prompt (chat template) + reply tokens", ge=16)
-    lr: float = opt(1e-5, "AdamW learning rate", gt=0.0, lt=1.0)
-    epochs: int = opt(2, "passes over the demonstrations", ge=1, le=100)
-    batch_size: int = opt(8, "demonstrations per optimiser step", ge=1)
-    max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0.0)
-    dtype: str = opt("float32", "weight dtype while training", choices=DTYPES)
-    autocast: str = opt("auto", AUTOCAST_HELP, choices=("auto", "none") + DTYPES)
-    device: str = opt("cpu", "training device", choices=("cpu", "cuda"))
-    threads: int = opt(2, "torch CPU threads", ge=1)
-    seed: int = opt(0, "seed of the batch order and the held-out split")
-    output_dir: str = opt("runs/sft", "where the fine-tuned policy (an HF directory for model.path) is saved")
-    demo_samples: int = opt(8, "rlhf make-demos: samples per training prompt; the gold scorer's best is kept",
-                            ge=1, le=64)
-    num_demos: int = opt(256, "rlhf make-demos: demonstrations to make (training prompts, cycled)", ge=1)
-
-
-@dataclass
-class DPOConfig:
-    beta: float = opt(0.1, "DPO's beta: the strength of the implicit KL to the reference (larger = closer)", gt=0.0)
-    lr: float = opt(5e-6, "AdamW learning rate", gt=0.0, lt=1.0)
-    epochs: int = opt(1, "passes over the preference pairs (preferences.path)", ge=1, le=100)
-    batch_size: int = opt(8, "pairs per optimiser step", ge=1)
-    max_length: int = opt(256, "longest prompt (chat template) + reply, tokens, of either reply of a pair", ge=16)
-    max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0.0)
-    dtype: str = opt("float32", "weight dtype while training", choices=DTYPES)
-    autocast: str = opt("auto", AUTOCAST_HELP, choices=("auto", "none") + DTYPES)
-    device: str = opt("cpu", "training device", choices=("cpu", "cuda"))
-    threads: int = opt(2, "torch CPU threads", ge=1)
-    seed: int = opt(0, "seed of the batch order")
-    output_dir: str = opt("runs/dpo", "where the DPO policy (an HF directory for model.path) is saved")
-
-
-@dataclass
-class EloConfig:
-    judge: str = opt("gold", "who decides a match: `gold` (train.gold_scorer), `reward` (reward.scorer), any "
-                             "scorer spec (the higher score wins, equal is a tie), or `pairwise:<module>:<function>` "
-                             "(function(prompt, a, b) -> probability that a is better)")
-    num_prompts: int = opt(64, "held-out prompts each pair of policies is played on", ge=1)
-    bootstrap: int = opt(200, "bootstrap refits for the 95% intervals", ge=10)
-    output_dir: str = opt("runs/elo", "where ratings.json and ratings.png go")
-    seed: int = opt(0, "seed of the bootstrap")
-
-
-@dataclass
-class OnlineRLHFConfig:
-    rounds: int = opt(3, "rounds of PPO -> fresh pairs from the policy -> reward model trained again", ge=1, le=50)
-    ppo_steps: int = opt(5, "PPO steps per round (the job continues from its last checkpoint)", ge=1)
-    initial_pairs: int = opt(256, "labelled pairs of the initial policy's samples for the first reward model "
-                                  "(when preferences.path is empty)", ge=2)
-    pairs_per_round: int = opt(128, "labelled pairs sampled from the current policy each round", ge=2)
-    eval_fraction: float = opt(0.25, "share of each round's pairs held out: the reward model's accuracy on the "
-                                     "current policy's pairs", gt=0.0, lt=1.0)
-    output_dir: str = opt("runs/online_rlhf", "the PPO run, each round's pairs and reward model, rounds.json")
-
-
-@dataclass
-class WestOfNConfig:
-    n: int = opt(8, "samples per unlabelled prompt; the reward model's best and worst make a pair", ge=2, le=64)
-    num_prompts: int = opt(512, "unlabelled prompts per round, cycled from data.path's training split", ge=1)
-    quantile: float = opt(0.5, "keep pairs whose predicted preference probability is at or above this quantile "
-                          "of all pairs (Pace et al. 2024); 0 keeps all", ge=0.0, lt=1.0)
-    min_logprob: float = opt(-4.0, "drop responses whose mean per-token policy log-prob is below this; "
-                             "-inf keeps all")
-    rounds: int = opt(1, "self-training rounds: each round's reward model labels the next", ge=1, le=10)
-    output_dir: str = opt("runs/west_of_n", "where each round's pairs and reward model go")
 
 
 @dataclass
