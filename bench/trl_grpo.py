@@ -4,13 +4,13 @@
 Both train the same model (`model.path`, the embedded SmolLM2 by default) on the same training prompts with
 the same reward (VADER's compound score of the reply) at the same batch: 64 completions of at most 48
 tokens per policy update (TRL: 16 prompts x 4 completions, generated with HF `generate` since its vLLM modes
-need CUDA, then 4 optimizer steps of 16; this project: the run config's batch, 64 by default), on the same
+need CUDA, then 4 optimizer steps of 16; this project: the run config's batch, 16 x 4 by default), on the same
 CPU threads, weight dtype and autocast as the job's learner (`ppo.*`). Each side runs `--rounds` updates; the first is a
 warm-up and the median of the rest is compared, as completions per second.
 
     .venv/bin/pip install 'trl==1.16.0'            # not a dependency of the project
     .venv/bin/python bench/trl_grpo.py --rounds 4
-    .venv/bin/python bench/trl_grpo.py --rounds 3 ppo.advantage=grpo generation.samples_per_prompt=4 train.prompts_per_step=16
+    .venv/bin/python bench/trl_grpo.py --rounds 4 --beta 0.05 generation.dtype=float32 ppo.autocast=none
 """
 
 from __future__ import annotations

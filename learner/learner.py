@@ -14,6 +14,7 @@ weights each token by the truncated ratio of the two (learner/ppo_math.py, "off-
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -120,12 +121,20 @@ class PPOLearner:
         group_rank = torch.randperm(int(group_of_row.max()) + 1, generator=self.generator)
         return torch.argsort(group_rank[group_of_row], stable=True)
 
+    @contextlib.contextmanager
+    def _as_reference(self):
+        """The module that computes as the reference model: the frozen copy, or under LoRA the policy with its
+        adapters switched off (for the duration of the block)."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.policy.disable_adapter():
+                yield self.model
+
     def _reference_forward(self, mb: RolloutBatch) -> torch.Tensor:
         """The reference model's log-probs (B, T) of a minibatch's response tokens (no gradient)."""
-        if self.reference is None:  # LoRA: the base is the policy with its adapters switched off
-            with self.policy.disable_adapter():
-                return self._forward(mb)[0]
-        return self._forward(mb, self.reference)[0]
+        with self._as_reference() as reference:
+            return self._forward(mb, reference)[0]
 
     @torch.no_grad()
     def _proximal(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -368,12 +377,10 @@ class PPOLearner:
             return []
         self.policy.eval()
         # Through the whole module (the FSDP root when sharded), on every rank of a group: same rows, same steps.
-        kwargs = dict(pad_id=self.pad_id, temperature=temperature or self.temperature, autocast_dtype=self.cfg.autocast,
-                      forward=_whole_model)
-        if self.reference is not None:
-            return token_logprobs(self.reference, prompt_ids, response_ids, **kwargs)
-        with self.policy.disable_adapter():
-            return token_logprobs(self.model, prompt_ids, response_ids, **kwargs)
+        with self._as_reference() as reference:
+            return token_logprobs(reference, prompt_ids, response_ids, pad_id=self.pad_id,
+                                  temperature=temperature or self.temperature, autocast_dtype=self.cfg.autocast,
+                                  forward=_whole_model)
 
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Per-token log-probs of given responses (temperature 1) under the learner's weights (for tests that
