@@ -20,9 +20,13 @@ from reward_server.server import start_reward_server
 log = logging.getLogger(__name__)
 
 # Environment every role's process gets: the in-process vLLM engine (see actors/generation.py),
-# and W&B / HF kept off the network, which these machines cannot reach.
+# W&B / HF kept off the network, which these machines cannot reach, and the roles at the scheduling
+# priority of Ray's own processes. Ray lowers its workers' (nice 15), so on a machine the roles fill, each
+# wake-up of the raylet, GCS, dashboard or driver preempted a learner thread, and the other thread waited
+# for it at the next barrier: the update of the default job ran 10% slower on 2 cores (`ray job submit`
+# runs its driver at 0 for the same reason).
 ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-             "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+             "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"), "RAY_worker_niceness": "0"}
 
 
 # Custom Ray resources the roles ask for with `train.role_resources` (one unit per actor or replica);
