@@ -2,6 +2,8 @@
 an update, within fp32 tolerance), their sharded checkpoints resume with another number of ranks (2 -> 1 and
 1 -> 2, optimizer moments included), and a group the cluster cannot hold is refused at once."""
 
+import os
+
 import pytest
 import ray
 import torch
@@ -50,6 +52,9 @@ def test_two_ranks_train_as_one_and_checkpoints_reshard(ray_session, tiny, tmp_p
     batches = [rollouts(one, count=16, seed=s) for s in range(3)]
     group = launch_learners(cfg, tiny)
     try:
+        # at the priority of Ray's own processes (its workers default to nice 15, where every wake-up of the
+        # raylet or the driver preempts a learner thread)
+        assert ray.get([rank.__ray_call__.remote(lambda _: os.nice(0)) for rank in group.ranks]) == [0, 0]
         metrics = ray.get(group.update(batches[0]))
         expected = one.update(batches[0])
         two = ray.get(group.weights())
