@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["generation", "sync", "learners", "bound", "steps"])
     parser.add_argument("overrides", nargs="*", help="run-config overrides, e.g. ppo.advantage=grpo")
     args = parser.parse_args()
-    overrides = ([f"train.prompts_per_step={args.prompts}"] * bool(args.prompts)
+    overrides = (([f"train.prompts_per_step={args.prompts}"] if args.prompts else [])
                  + ([f"model.path={args.model}"] if args.model else [])
                  + ([f"generation.samples_per_prompt={args.samples}"] if args.samples else []) + args.overrides)
     cfg = load_config(args.config, overrides)
