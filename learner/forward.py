@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from transformers import DynamicCache
 
 from actors.rollout import pad
 from learner.ppo_math import logprobs_from_logits
@@ -40,31 +39,78 @@ def response_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     temperature (so that log-probs match what the generation workers sampled from), and the trunk's
     hidden states (B, T, H) they came from (the value head reads those).
 
-    The LM head runs on the response positions only: the prompt's logits are never needed, and at a
-    49k vocabulary they would be most of the memory. It runs outside autocast, in float32.
+    One decoder call whatever the rows hold: in a learner group every decoder layer is an FSDP2 unit, so
+    the number of calls is a collective that no rank's data may decide. The LM head runs on the response
+    positions only: the prompt's logits are never needed, and at a 49k vocabulary they would be most of
+    the memory. It runs outside autocast, in float32.
     """
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     decoder = model.get_decoder()
-    prefix = input_ids.shape[1] - response_len - 1  # the prompt but its last token, which predicts the first reply's
-    firsts, rows = shared_prompts(input_ids[:, :prefix], attention_mask[:, :prefix]) if prefix > 0 else (None, None)
-    if firsts is None:
+    prompt_len = input_ids.shape[1] - response_len
+    firsts, rows = shared_prompts(input_ids[:, :prompt_len], attention_mask[:, :prompt_len])
+    if firsts is None or decoder.config._attn_implementation not in PACKABLE:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        hidden = hidden[:, -response_len - 1:-1]  # position P-1+t predicts response token t
     else:
-        # Rows that answer the same prompt (a group of samples) share its forward: the prompt runs once into a
-        # key/value cache, copied to each of its rows, and the rows run only their replies on top. Same
-        # arithmetic as the full forward; the gradient of the shared prompt is the sum over its rows.
-        cache = DynamicCache(config=decoder.config)
-        decoder(input_ids=input_ids[firsts, :prefix], attention_mask=attention_mask[firsts, :prefix],
-                position_ids=position_ids[firsts, :prefix], past_key_values=cache, use_cache=True)
-        cache.batch_select_indices(rows)
-        hidden = decoder(input_ids=input_ids[:, prefix:], attention_mask=attention_mask,
-                         position_ids=position_ids[:, prefix:], past_key_values=cache, use_cache=True).last_hidden_state
-    hidden = hidden[:, -response_len - 1:-1]  # position P-1+t predicts response token t
+        hidden = _packed_hidden(decoder, input_ids, attention_mask, prompt_len, firsts, rows)
     head = model.get_output_embeddings()
     with torch.autocast(hidden.device.type, enabled=False):
         bias = None if head.bias is None else head.bias.float()
         logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
     return logits / temperature, hidden
+
+
+# Attention implementations that take a custom 4D mask (flash attention does not: it sees no sharing).
+PACKABLE = ("sdpa", "eager")
+
+
+def _packed_hidden(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                   firsts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The hidden states (B, T, H) that predict each row's response tokens, with each distinct prompt run once.
+
+    The rows that answer one prompt (a group of samples) are packed into one sequence: the prompt, then each
+    row's response in a block of its own, T columns each. A 4D attention mask lets a block see the prompt
+    and itself, causally, and never another block; each block's positions continue from the prompt's. So
+    every response attends to exactly the keys it would in a row of its own (the same arithmetic as the
+    plain forward, to float rounding), and the gradient reaching the shared prompt is the sum over its rows,
+    all in one call of the decoder. (A prompt pass into a key/value cache and a second call for the replies
+    does the same work but calls every layer twice before one backward, which FSDP2 does not survive.)
+    """
+    B, T, P, G = len(rows), input_ids.shape[1] - prompt_len, prompt_len, len(firsts)
+    device = input_ids.device
+    # each row's slot among its group's rows (0 for the first, 1 for the next...)
+    order = torch.argsort(rows, stable=True)
+    starts = torch.searchsorted(rows[order], rows[order], side="left")
+    slot = torch.empty_like(rows)
+    slot[order] = torch.arange(B, device=device) - starts
+    K = int(slot.max()) + 1
+    columns = P + slot.unsqueeze(1) * T + torch.arange(T, device=device)  # (B, T): each response token's column
+
+    L = P + K * T
+    ids = torch.zeros((G, L), dtype=input_ids.dtype, device=device)
+    real = torch.zeros((G, L), dtype=torch.bool, device=device)
+    segment = torch.full((G, L), -1, dtype=torch.long, device=device)  # -1: the prompt; j: response block j
+    positions = torch.zeros((G, L), dtype=torch.long, device=device)
+    prompt_mask = attention_mask[firsts, :P]
+    ids[:, :P], real[:, :P] = input_ids[firsts, :P], prompt_mask.bool()
+    positions[:, :P] = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    segment[:, P:] = (torch.arange(K * T, device=device) // T).expand(G, -1)
+    row_of = rows.unsqueeze(1).expand(-1, T)
+    ids[row_of, columns] = input_ids[:, P:]
+    real[row_of, columns] = attention_mask[:, P:].bool()
+    positions[row_of, columns] = prompt_mask.sum(-1)[rows].unsqueeze(1) + torch.arange(T, device=device)
+
+    q, k = segment.unsqueeze(2), segment.unsqueeze(1)  # (G, L, 1), (G, 1, L)
+    causal = torch.ones((L, L), dtype=torch.bool, device=device).tril()
+    visible = causal & real.unsqueeze(1) & ((k == -1) | (k == q))
+    # A padding query sees itself, so that no softmax row is empty (its output is never read)
+    visible |= torch.eye(L, dtype=torch.bool, device=device)
+    if decoder.config._attn_implementation == "eager":  # eager attention adds the mask to its scores
+        visible = torch.zeros(visible.shape, device=device).masked_fill(~visible, torch.finfo(torch.float32).min)
+    hidden = decoder(input_ids=ids, attention_mask=visible.unsqueeze(1), position_ids=positions).last_hidden_state
+    # token t of a response is predicted at its column - 1, token 0 by the prompt's last position
+    predictors = torch.cat([torch.full((B, 1), P - 1, device=device), columns[:, :-1]], dim=1)
+    return hidden[row_of, predictors]
 
 
 def shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor

@@ -154,13 +154,40 @@ def test_the_weight_source_for_vllms_nccl_engine_declares_what_it_sends_and_send
     assert [name for name, _ in source] == [name for name, _ in sent]  # a fresh pass every round
 
 
-def grouped(learner, seed=0) -> list[Rollout]:
-    """Two responses to each of 4 prompts (one group each), the first scored +1, the second -1."""
-    batch = rollouts(learner, count=8, seed=seed)
+def grouped(learner, seed=0, count=8, size=2) -> list[Rollout]:
+    """`size` responses to each of `count / size` prompts (one group each), the first scored +1, the others -1."""
+    batch = rollouts(learner, count=count, seed=seed)
     for i, r in enumerate(batch):
-        r.prompt_index, r.prompt_ids, r.score = i // 2, batch[i - i % 2].prompt_ids, 1.0 if i % 2 == 0 else -1.0
+        r.prompt_index, r.prompt_ids = i // size, batch[i - i % size].prompt_ids
+        r.score = 1.0 if i % size == 0 else -1.0
         r.logprobs = r.ref_logprobs = learner.logprobs([r.prompt_ids], [r.response_ids])[0]
     return batch
+
+
+def with_sgd(learner):
+    """The learner steps with plain SGD and no gradient clip, so that the change of every weight is -lr times
+    its gradient: comparing changes then compares gradients. (AdamW's first step is about lr * sign(g), so
+    weights after it hide a gradient wrong by a constant factor.)"""
+    learner.optimizer = torch.optim.SGD([{"params": g["params"], "lr": g["lr"]}
+                                         for g in learner.optimizer.param_groups])
+    learner.cfg.max_grad_norm = 1e9
+    return learner
+
+
+def assert_same_changes(start: dict, a: dict, b: dict, rtol: float = 1e-4) -> None:
+    """Two learners that started at `start` changed every weight alike: |delta_a - delta_b| <= rtol |delta_b| per
+    tensor (a gradient doubled anywhere fails it), and the update did change the weights."""
+    assert a.keys() == b.keys() == start.keys()
+    moved = 0.0
+    for name in start:
+        da, db = a[name] - start[name], b[name] - start[name]
+        moved = max(moved, db.abs().max().item())
+        assert (da - db).norm() <= rtol * db.norm() + 1e-9, f"{name}: {(da - db).norm():.3g} vs {db.norm():.3g}"
+    assert moved > 1e-6
+
+
+def snapshot(learner) -> dict:
+    return {k: v.clone() for k, v in learner.weights().items()}
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
@@ -230,15 +257,53 @@ def test_the_samples_of_one_prompt_share_its_forward_and_train_as_if_each_ran_al
         return firsts, rows
 
     real = forward.shared_prompts
-    alone = make_learner(tiny, advantage="grpo", minibatch_size=4, lr=1e-3)
+    alone = with_sgd(make_learner(tiny, advantage="grpo", minibatch_size=4, lr=1e-2))
+    start = snapshot(alone)
     monkeypatch.setattr(forward, "shared_prompts", lambda ids, mask: (None, None))
     expected = alone.update(batch)
-    sharing = make_learner(tiny, advantage="grpo", minibatch_size=4, lr=1e-3)
+    sharing = with_sgd(make_learner(tiny, advantage="grpo", minibatch_size=4, lr=1e-2))
     monkeypatch.setattr(forward, "shared_prompts", spy)
     metrics = sharing.update(batch)
     # every minibatch of 4 held two whole groups (two prompts, each run once for its two samples)
     assert shared_counts and all(counts == (4, 2) for counts in shared_counts)
     assert metrics["loss/policy"] == pytest.approx(expected["loss/policy"], abs=1e-6)
-    # Adam moves every parameter by ~lr (1e-3) whatever its gradient's size; rounding moves a few by ~1e-6
-    for a, b in zip(alone.policy.parameters(), sharing.policy.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+    assert_same_changes(start, sharing.weights(), alone.weights())
+
+
+def test_a_shared_prompt_is_one_decoder_call_with_the_plain_forwards_log_probs_and_gradients(tiny, monkeypatch):
+    """Groups of 3, 1 and 2 rows of different lengths: the packed forward runs the decoder once (in a learner
+    group every call is a collective), and gives each row the log-probs and the gradient of a row of its own;
+    eager attention (an additive mask) as sdpa (a boolean one)."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.rollout import pad
+    from learner import forward
+
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    rng = random.Random(1)
+    distinct = [[rng.randrange(3, 1000) for _ in range(rng.randint(3, 8))] for _ in range(3)]
+    prompts = [distinct[0]] * 3 + [distinct[1]] + [distinct[2]] * 2
+    responses = [[rng.randrange(3, 1000) for _ in range(rng.randint(1, 6))] for _ in prompts]
+    input_ids, attention_mask, labels, mask = pad(prompts, responses, 0)
+    calls = []
+    decoder = model.get_decoder()
+    decoder.register_forward_hook(lambda module, args, output: calls.append(1))
+
+    def grads():
+        model.zero_grad()
+        logits, _ = forward.response_forward(model, input_ids, attention_mask, labels.shape[1])
+        logprobs = forward.logprobs_from_logits(logits, labels) * mask
+        logprobs.sum().backward()
+        return logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    packed, packed_grads = grads()
+    assert len(calls) == 1
+    with monkeypatch.context() as m:
+        m.setattr(forward, "shared_prompts", lambda ids, mask: (None, None))
+        plain, plain_grads = grads()
+    model.config._attn_implementation = "eager"
+    eager, eager_grads = grads()
+    for ours, our_grads in ((packed, packed_grads), (eager, eager_grads)):
+        torch.testing.assert_close(ours, plain, rtol=0, atol=1e-5)
+        for name, g in plain_grads.items():
+            assert (our_grads[name] - g).norm() <= 1e-4 * g.norm(), name

@@ -1,5 +1,6 @@
-"""The learner group on Ray: two ranks with FSDP2 over gloo train as one learner does (same parameters after
-an update, within fp32 tolerance), their sharded checkpoints resume with another number of ranks (2 -> 1 and
+"""The learner group on Ray: two and three ranks with FSDP2 over gloo give one learner's gradients (compared with
+SGD steps: AdamW's would hide a gradient's scale), on rows that share prompts as the default job's do and on
+ranks whose rows share differently; sharded checkpoints resume with another number of ranks (2 -> 1 and
 1 -> 2, optimizer moments included), and a group the cluster cannot hold is refused at once."""
 
 import os
@@ -12,7 +13,7 @@ from cluster.config import build_config
 from cluster.launch import launch_learners
 from cluster.models import prepare_tiny
 from learner.learner import PPOLearner
-from tests.test_learner import rollouts
+from tests.test_learner import assert_same_changes, grouped, rollouts, snapshot, with_sgd
 
 pytestmark = pytest.mark.ray
 
@@ -46,6 +47,7 @@ def max_gap(a: dict, b: dict) -> float:
 
 
 def test_two_ranks_train_as_one_and_checkpoints_reshard(ray_session, tiny, tmp_path):
+    # AdamW throughout, for its moments in the checkpoints: the gradients themselves are compared below
     cfg = config()
     one = PPOLearner(tiny, cfg.ppo, inference_dtype="float32")
     start = {k: v.clone() for k, v in one.weights().items()}
@@ -82,23 +84,59 @@ def test_two_ranks_train_as_one_and_checkpoints_reshard(ray_session, tiny, tmp_p
         group.kill()
 
 
-def test_two_ranks_train_as_one_with_grpo_a_per_response_loss_and_ptx(ray_session, tiny):
-    """No value head, and a loss averaged over responses (each rank's share is its rows, not its tokens),
-    with PPO-ptx's demonstrations split over the ranks too."""
+def sgd_group(group) -> None:
+    """Every rank of the group steps with SGD and no clip (tests/test_learner.py with_sgd): changes = gradients."""
+    ray.get([rank.__ray_call__.remote(lambda learner: with_sgd(learner) and None) for rank in group.ranks])
+
+
+def test_two_ranks_give_one_ranks_gradients_with_grpo_shared_prompts_a_per_response_loss_and_ptx(ray_session, tiny):
+    """The default job's shape: 4 prompts x 4 samples, the samples of one prompt sharing its forward (each rank's
+    share of a minibatch is one whole group); no value head, a loss averaged over responses (each rank's share is
+    its rows, not its tokens), PPO-ptx's demonstrations split over the ranks too. Compared as gradients: SGD,
+    no clip."""
     cfg = config(advantage="grpo", loss_agg="seq_mean_token_mean", ptx_coef=0.5, ptx_path="demos.jsonl",
-                 ptx_batch_size=4)
+                 ptx_batch_size=4, collective_timeout_s=60.0)
     ptx = [([5, 6, 7], [9, 10, 11, 2]), ([12, 13], [14, 2]), ([16], [17, 18, 19, 20, 2]), ([21, 22], [23, 2])]
-    one = PPOLearner(tiny, cfg.ppo, inference_dtype="float32", ptx=ptx)
-    batch = rollouts(one, count=16, seed=3)
-    for i, r in enumerate(batch):
-        r.prompt_index = i // 4  # 4 prompts, 4 responses each
+    one = with_sgd(PPOLearner(tiny, cfg.ppo, inference_dtype="float32", ptx=ptx))
+    start = snapshot(one)
+    batch = grouped(one, seed=3, count=16, size=4)
     group = launch_learners(cfg, tiny, ptx)
     try:
+        sgd_group(group)
         metrics = ray.get(group.update(batch))
         expected = one.update(batch)
-        assert max_gap(ray.get(group.weights()), one.weights()) < TOL
+        assert_same_changes(start, ray.get(group.weights()), one.weights())
         assert metrics["loss/policy"] == pytest.approx(expected["loss/policy"], abs=1e-5)
         assert metrics["loss/ptx"] == pytest.approx(expected["loss/ptx"], abs=1e-5)
+    finally:
+        group.kill()
+
+
+def test_ranks_whose_rows_share_prompts_differently_neither_hang_nor_differ_from_one_rank(ray_session, tiny):
+    """Cases where one rank's rows share a prompt and another's do not: 3 samples per prompt, minibatch 6 over 3
+    ranks (rows g0 g0 | g0 g1 | g1 g1); 1 sample per prompt with a prompt repeated in one rank's share; PPO-ptx
+    demonstrations that repeat a prompt on one rank. Each update finishes (a collective that depended on one
+    rank's rows would wait out ppo.collective_timeout_s) with one rank's gradients."""
+    cfg = build_config({"ppo": {"lr": 3e-3, "autocast": "none", "minibatch_size": 6, "threads": 1,
+                                "num_learners": 3, "collective_timeout_s": 60.0,
+                                "ptx_coef": 0.5, "ptx_path": "demos.jsonl", "ptx_batch_size": 3},
+                        "train": {"prompts_per_step": 2},
+                        "generation": {"samples_per_prompt": 3, "dtype": "float32"}})
+    ptx = [([5, 6, 7], [9, 10, 2]), ([5, 6, 7], [11, 12, 13, 2]), ([16], [17, 2])]  # rank 0: one prompt, twice
+    one = with_sgd(PPOLearner(tiny, cfg.ppo, inference_dtype="float32", ptx=ptx))
+    threes = grouped(one, seed=4, count=6, size=3)
+    singles = rollouts(one, count=6, seed=5)
+    singles[1].prompt_ids = singles[0].prompt_ids  # rows 0 and 1 (rank 0's share) ask the same; groups differ
+    singles[1].logprobs = singles[1].ref_logprobs = one.logprobs([singles[1].prompt_ids],
+                                                                 [singles[1].response_ids])[0]
+    group = launch_learners(cfg, tiny, ptx)
+    try:
+        sgd_group(group)
+        for batch in (threes, singles):
+            start = snapshot(one)
+            ray.get(group.update(batch), timeout=50)
+            one.update(batch)
+            assert_same_changes(start, ray.get(group.weights()), one.weights())
     finally:
         group.kill()
 
