@@ -139,6 +139,10 @@ class PPOConfig:
                                       "bias)", choices=("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
     max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0.0)
     kl_coef: float = opt(0.05, "initial KL penalty beta", ge=0.0)
+    kl_in: str = opt("reward", "where the KL penalty to the reference goes: `reward` (-beta * KL on every token's "
+                               "reward; with grpo added to the group-normalised scores, not normalised with "
+                               "them) or `loss` (beta * the k3 KL estimate added to the loss, as GRPO's paper)",
+                     choices=("reward", "loss"))
     kl_target: float = opt(0.0, "adaptive KL target per response, nats; 0 = fixed beta", ge=0.0)
     kl_horizon: int = opt(10000, "adaptive KL horizon, in sequences (Ziegler et al. 2019)", ge=1)
     decoupled: bool = opt(True, "off-policy correction (decoupled PPO, Hilton et al. 2022): weight each token by "

@@ -25,6 +25,7 @@ import torch
 from actors.rollout import RolloutBatch, collate
 from actors.weights import BucketWriter, PublishedWeights
 from learner import distributed, lora, ppo_math
+from learner.estimators import ESTIMATORS
 from learner.distributed import PolicyWithValue
 from learner.forward import autocast, token_logprobs, torch_dtype
 from learner.sft import held_out_nll, reply_nll
@@ -193,8 +194,12 @@ class PPOLearner:
             weights = mask  # every token weighs 1: the proximal policy is taken for the behaviour policy
         scores, score_metrics = self._scores(batch)
         kl_coef = self.kl_ctl.value
-        rewards, _ = ppo_math.shaped_rewards(scores, prox_logprobs, batch.ref_logprobs, mask, kl_coef)
-        advantages, returns = self._advantages(rewards, old_values, mask, batch.groups)
+        # ppo.kl_in: the KL penalty in the reward (each estimator as its paper puts it there) or in the loss
+        in_reward = kl_coef if self.cfg.kl_in == "reward" else 0.0
+        kl = ppo_math.kl_k1(prox_logprobs, batch.ref_logprobs) * mask
+        advantages, returns = ESTIMATORS[self.cfg.advantage](scores, kl, in_reward, old_values, mask, batch.groups,
+                                                             self.cfg)
+        in_loss = kl_coef if self.cfg.kl_in == "loss" else 0.0
 
         totals: dict[str, list[float]] = {}
         B, mbs = len(rollouts), self.cfg.minibatch_size
@@ -203,7 +208,7 @@ class PPOLearner:
             for s in range(0, B, mbs):
                 rows = order[s:s + mbs]
                 stats = self._step(batch.select(rows), prox_logprobs[rows], old_values[rows], advantages[rows],
-                                   returns[rows], weights[rows])
+                                   returns[rows], weights[rows], in_loss)
                 for k, v in stats.items():
                     totals.setdefault(k, []).append(v)
 
@@ -219,6 +224,7 @@ class PPOLearner:
         metrics.update({
             **({"kl/mean": kl_per_seq.mean().item()} if measured_kl else {}),
             "kl/coef": kl_coef,
+            "advantage/abs_mean": ppo_math.masked_mean(advantages.abs(), mask).item(),
             "rollout/score_mean": batch.scores.mean().item(),
             "rollout/score_std": batch.scores.std().item() if B > 1 else 0.0,
             "rollout/response_len": mask.sum(-1).mean().item(),
@@ -228,25 +234,11 @@ class PPOLearner:
         })
         return metrics
 
-    def _advantages(self, rewards, values, mask, groups) -> tuple[torch.Tensor, torch.Tensor]:
-        """(advantages, value targets) by `ppo.advantage`; the critic-free ones have no value targets."""
-        estimator = self.cfg.advantage
-        if estimator == "gae":
-            advantages, returns = ppo_math.gae(rewards, values, mask, self.cfg.gamma, self.cfg.lam)
-            if self.cfg.whiten_advantages:
-                advantages = ppo_math.masked_whiten(advantages, mask)
-            return advantages, returns
-        if estimator == "grpo":
-            advantages = ppo_math.grpo_advantages(rewards, mask, groups, self.cfg.grpo_std_norm)
-        elif estimator == "rloo":
-            advantages = ppo_math.rloo_advantages(rewards, mask, groups)
-        else:
-            advantages = ppo_math.reinforce_pp_advantages(rewards, mask)
-        return advantages, torch.zeros_like(advantages)
-
-    def _step(self, mb: RolloutBatch, prox_logprobs, old_values, advantages, returns, weights) -> dict[str, float]:
-        """One optimiser step on a minibatch. In a learner group each rank computes its share of the rows
-        and FSDP averages the gradients over the ranks."""
+    def _step(self, mb: RolloutBatch, prox_logprobs, old_values, advantages, returns, weights,
+              kl_coef: float) -> dict[str, float]:
+        """One optimiser step on a minibatch; `kl_coef` > 0 adds that times the k3 KL to the reference to the loss
+        (`ppo.kl_in=loss`). In a learner group each rank computes its share of the rows and FSDP averages the
+        gradients over the ranks."""
         # The losses are means over the minibatch's tokens. A rank's mean over its own tokens, times its
         # share of the tokens and times N (which FSDP's average divides out again), gives each rank's
         # gradient its part of the one-learner gradient.
@@ -255,14 +247,20 @@ class PPOLearner:
         share = self.world * mb.response_mask[mine].sum() / mb.response_mask.sum().clamp(min=1.0)
         pg_share = share if self.cfg.loss_agg == "token_mean" else torch.tensor(self.world * len(mine) / len(mb.scores))
         mb = mb.select(mine)
-        prox_logprobs, old_values, advantages, returns, weights = (
-            t[mine].to(self.device) for t in (prox_logprobs, old_values, advantages, returns, weights))
+        prox_logprobs, old_values, advantages, returns, weights, ref_logprobs = (
+            t[mine].to(self.device) for t in (prox_logprobs, old_values, advantages, returns, weights,
+                                              mb.ref_logprobs))
         mask = mb.response_mask.to(self.device)
         logprobs, values, logits = self._forward(mb)
         pg_loss, pg_stats = ppo_math.policy_loss(logprobs, prox_logprobs, advantages, mask, self.cfg.clip, weights,
                                                  self.cfg.loss_agg, self.max_new_tokens)
         # each term with its rank's weight: summed over the ranks, the one-learner minibatch figure
         terms = {"loss/policy": (pg_loss, pg_share.to(self.device), 1.0)}
+        if kl_coef > 0:
+            # GRPO's KL term (Shao et al. 2024, eq. 4), on the tokens as the policy loss weighs them
+            kl = ppo_math.aggregate(ppo_math.kl_k3(logprobs, ref_logprobs) * weights, mask, self.cfg.loss_agg,
+                                    self.max_new_tokens)
+            terms["loss/kl"] = (kl, pg_share.to(self.device), kl_coef)
         if self.value_head is not None:
             vf_loss, vf_stats = ppo_math.value_loss(values, old_values, returns, mask, self.cfg.value_clip)
             terms["loss/value"] = (vf_loss, share.to(self.device), self.cfg.vf_coef)

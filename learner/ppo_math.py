@@ -68,6 +68,13 @@ def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return logprobs - ref_logprobs
 
 
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Per-token k3 = r - 1 - log r with r = pi_ref / pi: Schulman's unbiased, always non-negative estimator of
+    KL(pi || pi_ref) from tokens sampled from pi, the one GRPO puts in its loss (Shao et al. 2024, eq. 4)."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.expm1(log_ratio) - log_ratio
+
+
 # --- off-policy correction ---------------------------------------------------------------------
 # Rollouts come from the behaviour policy mu: the policy version that the generation worker held (older
 # than the learner's by up to train.max_staleness versions) as vLLM computes it (other kernels, maybe
@@ -124,13 +131,19 @@ def shaped_rewards(
     Returns (rewards, kl), both (B, T) and 0 on padding.
     """
     kl = _zero_padding(kl_k1(logprobs, ref_logprobs), mask)
-    rewards = -kl_coef * kl
+    return token_rewards(scores, kl, mask, kl_coef), kl
+
+
+@torch.no_grad()
+def token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """`shaped_rewards` from a per-token KL (B, T) already computed: -kl_coef * KL_t on every real token, the
+    score (B,) added on the last one; 0 on padding."""
+    rewards = -kl_coef * _zero_padding(kl, mask)
     lengths = mask.sum(dim=1).long()
     # Right padding puts the last real token at length - 1; an empty row has none and gets no score.
     last = (lengths - 1).clamp(min=0).unsqueeze(1)
     score = torch.where(lengths > 0, scores.to(rewards.dtype), 0.0).unsqueeze(1)
-    rewards = rewards.scatter_add(1, last, score)
-    return rewards, kl
+    return rewards.scatter_add(1, last, score)
 
 
 # Advantages and returns are targets: a gradient through them would let the value head move its own
@@ -163,10 +176,11 @@ def gae(
 
 
 # --- critic-free advantages --------------------------------------------------------------------
-# Each takes the per-token rewards of `shaped_rewards` (the score on the last token, -kl_coef * KL_t on
-# every token), so the KL penalty to the reference reaches every estimator the same way. The group ones
-# judge a whole response: their sequence reward is the row's sum, score - kl_coef * sum_t KL_t, and every
-# token of the row gets the row's advantage. `groups` (B,) says which rows answer the same prompt.
+# `groups` (B,) says which rows answer the same prompt. RLOO and REINFORCE++ take the per-token rewards of
+# `shaped_rewards` (the score on the last token, -kl_coef * KL_t on every token), as their papers put the KL
+# penalty in the reward. GRPO normalises the scores alone: a group's KL differences are not a reward to be
+# scaled to unit size (with tied scores they would be all its advantage), so the KL stays apart at its own
+# coefficient, in the loss (the paper) or as its return added after the normalisation (`kl_penalty_returns`).
 
 
 def _group_mean(x: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
@@ -186,21 +200,36 @@ def _check_groups(groups: Tensor, estimator: str) -> None:
 
 
 @torch.no_grad()
-def grpo_advantages(rewards: Tensor, mask: Tensor, groups: Tensor, std_norm: bool = True,
+def grpo_advantages(scores: Tensor, mask: Tensor, groups: Tensor, std_norm: bool = True,
                     eps: float = 1e-6) -> Tensor:
-    """GRPO (Shao et al. 2024, DeepSeekMath, eq. 3 with outcome supervision): each response's sequence
-    reward less its group's mean, divided by the group's standard deviation (unbiased, + eps) when
-    `std_norm`. Dividing by the std weighs prompts whose responses hardly differ (nearly all good or
-    all bad) as much as contested ones; Liu et al. 2025 (Dr. GRPO) drop it (`std_norm=False`).
-    Returns (B, T): the row's advantage on each of its real tokens, 0 on padding."""
+    """GRPO (Shao et al. 2024, DeepSeekMath, eq. 3 with outcome supervision): each response's score (B,) less
+    its group's mean, divided by the group's standard deviation (unbiased, + eps) when `std_norm`. Dividing by
+    the std weighs prompts whose responses hardly differ (nearly all good or all bad) as much as contested
+    ones; Liu et al. 2025 (Dr. GRPO) drop it (`std_norm=False`). A group whose scores tie gets 0.
+    Returns (B, T): the row's advantage on each of its real tokens (`mask` (B, T)), 0 on padding."""
     _check_groups(groups, "GRPO")
-    seq = _zero_padding(rewards, mask).sum(-1)
-    mean, size = _group_mean(seq, groups)
-    advantage = seq - mean
+    mean, size = _group_mean(scores, groups)
+    advantage = scores - mean
     if std_norm:
         var, _ = _group_mean(advantage ** 2, groups)
         advantage = advantage / (torch.sqrt(var * size / (size - 1)) + eps)
-    return _zero_padding(advantage.unsqueeze(1).expand_as(mask).to(rewards.dtype), mask)
+    return _zero_padding(advantage.unsqueeze(1).expand_as(mask).to(mask.dtype), mask)
+
+
+@torch.no_grad()
+def returns_to_go(rewards: Tensor, mask: Tensor) -> Tensor:
+    """Each token's return with gamma = 1: the sum of the row's per-token rewards from it to the end (B, T),
+    0 on padding."""
+    return _zero_padding(rewards, mask).flip(1).cumsum(1).flip(1) * mask
+
+
+@torch.no_grad()
+def kl_penalty_returns(kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """-kl_coef * (the KL of this token and every later one of the row), (B, T): the KL penalty's share of each
+    token's advantage when it is kept in the reward of an estimator that normalises the scores alone (as
+    OpenRLHF adds it to GRPO's group-normalised scores). A token answers for the KL it and its successors
+    cause, not for the tokens before it."""
+    return returns_to_go(-kl_coef * kl, mask)
 
 
 @torch.no_grad()
@@ -220,28 +249,39 @@ def reinforce_pp_advantages(rewards: Tensor, mask: Tensor) -> Tensor:
     """REINFORCE++ (Hu 2025): each token's return, the sum of the per-token rewards from it to the end
     (gamma = 1, so the KL penalty of every later token counts), normalised to mean 0, std 1 over the
     whole batch's tokens; no critic and no groups. Returns (B, T), 0 on padding."""
-    rewards = _zero_padding(rewards, mask)
-    returns = rewards.flip(1).cumsum(1).flip(1)
-    return masked_whiten(returns, mask)
+    return masked_whiten(returns_to_go(rewards, mask), mask)
 
 
 # --- losses ------------------------------------------------------------------------------------
 
 
+def _token_mean(per_token: Tensor, mask: Tensor, horizon: int | None) -> Tensor:
+    return masked_mean(per_token, mask)
+
+
+def _seq_mean_token_mean(per_token: Tensor, mask: Tensor, horizon: int | None) -> Tensor:
+    return masked_mean(per_token, mask, dim=1).mean()
+
+
+def _seq_mean_token_sum_norm(per_token: Tensor, mask: Tensor, horizon: int | None) -> Tensor:
+    return _zero_padding(per_token, mask).sum() / (per_token.shape[0] * (horizon or per_token.shape[1]))
+
+
+# How a loss weighs the tokens of a batch:
+#   token_mean: the mean over all real tokens of the batch (every token weighs the same);
+#   seq_mean_token_mean: each response's token mean, then the mean over responses (GRPO as published: a
+#     token of a short response weighs more than one of a long response);
+#   seq_mean_token_sum_norm: each response's token sum, over responses x `horizon` (the longest a response
+#     may be; Dr. GRPO, Liu et al. 2025: a constant, so no length bias).
+AGGREGATIONS = {"token_mean": _token_mean, "seq_mean_token_mean": _seq_mean_token_mean,
+                "seq_mean_token_sum_norm": _seq_mean_token_sum_norm}
+
+
 def aggregate(per_token: Tensor, mask: Tensor, mode: str = "token_mean", horizon: int | None = None) -> Tensor:
-    """A loss from per-token terms (B, T), as `mode` weighs the tokens:
-      token_mean: the mean over all real tokens of the batch (every token weighs the same);
-      seq_mean_token_mean: each response's token mean, then the mean over responses (GRPO as published:
-        a token of a short response weighs more than one of a long response);
-      seq_mean_token_sum_norm: each response's token sum, over responses x `horizon` (the longest a
-        response may be; Dr. GRPO, Liu et al. 2025: a constant, so no length bias)."""
-    if mode == "token_mean":
-        return masked_mean(per_token, mask)
-    if mode == "seq_mean_token_mean":
-        return masked_mean(per_token, mask, dim=1).mean()
-    if mode == "seq_mean_token_sum_norm":
-        return _zero_padding(per_token, mask).sum() / (per_token.shape[0] * (horizon or per_token.shape[1]))
-    raise ValueError(f"unknown loss aggregation {mode!r}: token_mean, seq_mean_token_mean or seq_mean_token_sum_norm")
+    """A loss from per-token terms (B, T), as `mode` (a key of AGGREGATIONS) weighs the tokens."""
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r}: {', '.join(AGGREGATIONS)}")
+    return AGGREGATIONS[mode](per_token, mask, horizon)
 
 
 def policy_loss(

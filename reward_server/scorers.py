@@ -47,6 +47,22 @@ class VaderScorer:
         return "VaderScorer()"
 
 
+_NEGATIVE_WORDS: set[str] | None = None
+
+
+def no_negative_word(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """1.0 for a response with no word that VADER's lexicon rates negative, else 0.0: a binary reward on the
+    demo's task (`reward.scorer=python:reward_server.scorers:no_negative_word`), where the samples of one
+    prompt often tie, as verifiable rewards' do."""
+    global _NEGATIVE_WORDS
+    if _NEGATIVE_WORDS is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        _NEGATIVE_WORDS = {word for word, valence in SentimentIntensityAnalyzer().lexicon.items() if valence < 0}
+    words = lambda text: {w.strip(".,!?;:\"'()").lower() for w in text.split()}  # noqa: E731
+    return [0.0 if words(r) & _NEGATIVE_WORDS else 1.0 for r in responses]
+
+
 class RewardModelScorer:
     """A Hugging Face `AutoModelForSequenceClassification` with one output (a scalar head), read
     from a local directory, scoring the conversation [user: prompt, assistant: response] written

@@ -307,3 +307,26 @@ def test_a_shared_prompt_is_one_decoder_call_with_the_plain_forwards_log_probs_a
         torch.testing.assert_close(ours, plain, rtol=0, atol=1e-5)
         for name, g in plain_grads.items():
             assert (our_grads[name] - g).norm() <= 1e-4 * g.norm(), name
+
+
+@pytest.mark.parametrize("kl_in", ["reward", "loss"])
+def test_grpo_gives_tied_scores_no_advantage_of_their_own_whatever_the_kl(tiny, kl_in):
+    """Four samples of one prompt that all score 1, at KL 0, 0.1, 0.2, 0.3 nats a token from the reference: the
+    group-normalised scores are 0, so with the KL in the reward only its beta-sized return moves them (before,
+    normalising score - beta * KL made unit-size advantages of the KL alone), and with the KL in the loss
+    nothing but the loss's KL term does."""
+    learner = make_learner(tiny, advantage="grpo", kl_coef=0.05, kl_in=kl_in)
+    batch = grouped(learner, seed=6, count=4, size=4)
+    for i, r in enumerate(batch):
+        r.score = 1.0
+        r.ref_logprobs = [lp - 0.1 * i for lp in r.logprobs]
+    metrics = learner.update(batch)
+    if kl_in == "reward":
+        assert 0 < metrics["advantage/abs_mean"] < 0.05 * 0.3 * 6  # beta x the largest KL still to come
+        assert "loss/kl" not in metrics
+    else:
+        assert metrics["advantage/abs_mean"] == 0.0
+        # k3 of a log-ratio d is e^-d - 1 + d (d = 0.1 i on every token of row i), averaged over the tokens
+        k3 = [(math.exp(-0.1 * i) - 1 + 0.1 * i) * len(r.response_ids) for i, r in enumerate(batch)]
+        assert metrics["loss/kl"] == pytest.approx(sum(k3) / sum(len(r.response_ids) for r in batch), rel=1e-4)
+        assert metrics["loss/total"] == pytest.approx(metrics["loss/policy"] + 0.05 * metrics["loss/kl"], abs=1e-6)

@@ -3,6 +3,7 @@
 Padding positions deliberately hold large, inf or NaN values: a result that depends on them fails.
 """
 
+import math
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from learner.ppo_math import (
     entropy_from_logits,
     gae,
     grpo_advantages,
+    kl_k3,
+    kl_penalty_returns,
     kl_k1,
     logprobs_from_logits,
     make_kl_controller,
@@ -24,6 +27,7 @@ from learner.ppo_math import (
     masked_whiten,
     policy_loss,
     reinforce_pp_advantages,
+    returns_to_go,
     rloo_advantages,
     shaped_rewards,
     truncated_importance_weights,
@@ -224,14 +228,43 @@ def per_row(advantages: list[float]) -> torch.Tensor:
     return t(advantages).unsqueeze(1) * GROUP_MASK
 
 
+GROUP_SCORES = t([1.0, 0.5, 2.0, -1.0, 0.0])
+
+
 def test_grpo_subtracts_the_group_mean_and_divides_by_the_group_std_when_asked():
     # group 7: mean 3.5 / 3; group 3: mean -0.5
-    plain = grpo_advantages(GROUP_REWARDS, GROUP_MASK, GROUPS, std_norm=False)
+    plain = grpo_advantages(GROUP_SCORES, GROUP_MASK, GROUPS, std_norm=False)
     assert_close(plain, per_row([-1 / 6, -2 / 3, 5 / 6, -0.5, 0.5]))
     # unbiased std: group 7 sqrt((1/36 + 16/36 + 25/36) / 2) = sqrt(7/12); group 3 sqrt(0.5)
-    normed = grpo_advantages(GROUP_REWARDS, GROUP_MASK, GROUPS, std_norm=True, eps=0.0)
+    normed = grpo_advantages(GROUP_SCORES, GROUP_MASK, GROUPS, std_norm=True, eps=0.0)
     s7, s3 = (7 / 12) ** 0.5, 0.5 ** 0.5
     assert_close(normed, per_row([-1 / 6 / s7, -2 / 3 / s7, 5 / 6 / s7, -0.5 / s3, 0.5 / s3]))
+
+
+def test_grpo_gives_a_tied_group_no_advantage_whatever_its_kl_and_keeps_the_kl_at_its_own_scale():
+    """Scores 1, 1, 1, 1 with KL 0.2, 0.1, 0.0, 0.3 nats a token: normalising score - beta * KL would turn the
+    KL differences into advantages of unit size; the scores alone tie, so the score advantage is 0 and only the
+    penalty's return, beta times the KL to come, remains."""
+    mask = torch.ones(4, 2)
+    tied = grpo_advantages(t([1.0, 1.0, 1.0, 1.0]), mask, torch.tensor([0, 0, 0, 0]))
+    assert_close(tied, torch.zeros(4, 2))
+    kl = t([[0.2, 0.2], [0.1, 0.1], [0.0, 0.0], [0.3, 0.3]])
+    assert_close(kl_penalty_returns(kl, mask, 0.05), -0.05 * t([[0.4, 0.2], [0.2, 0.1], [0.0, 0.0], [0.6, 0.3]]))
+    # a mixed group by hand: scores 1, 0, 0, 1 -> mean 0.5, unbiased std sqrt(1/3)
+    mixed = grpo_advantages(t([1.0, 0.0, 0.0, 1.0]), mask, torch.tensor([0, 0, 0, 0]), eps=0.0)
+    a = 0.5 / (1 / 3) ** 0.5
+    assert_close(mixed, t([[a, a], [-a, -a], [-a, -a], [a, a]]))
+
+
+def test_returns_to_go_sum_each_rows_rewards_from_each_token_to_its_end():
+    assert_close(returns_to_go(GROUP_REWARDS, GROUP_MASK),
+                 t([[1.0, 1.1, 1.2], [0.5, 0, 0], [2.0, 0, 0], [-1.0, -0.5, 0], [0.0, 0.0, 0]]))
+
+
+def test_kl_k3_is_r_minus_1_minus_log_r_and_zero_where_the_policies_agree():
+    # log pi = log 0.5, log pi_ref = log 0.25: r = 0.5, k3 = -0.5 + log 2
+    assert kl_k3(t([math.log(0.5), -1.0]), t([math.log(0.25), -1.0])).tolist() == \
+        pytest.approx([-0.5 + math.log(2.0), 0.0])
 
 
 def test_rloo_subtracts_the_mean_of_the_other_responses_to_the_same_prompt():
@@ -243,7 +276,8 @@ def test_group_estimators_need_two_responses_per_prompt():
     for estimator in (grpo_advantages, rloo_advantages):
         with pytest.raises(ValueError, match=r"needs at least 2 per prompt, got groups of \[1, 2\]; set "
                                              r"generation.samples_per_prompt >= 2"):
-            estimator(GROUP_REWARDS[:3], GROUP_MASK[:3], torch.tensor([7, 7, 3]))
+            rewards = GROUP_SCORES[:3] if estimator is grpo_advantages else GROUP_REWARDS[:3]
+            estimator(rewards, GROUP_MASK[:3], torch.tensor([7, 7, 3]))
 
 
 def test_reinforce_pp_whitens_each_tokens_return_over_the_batch():
