@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from learner.forward import token_logprobs, torch_dtype
+from learner.forward import load_causal_lm, token_logprobs
 
 if TYPE_CHECKING:
     from cluster.config import ReferenceConfig
@@ -39,12 +39,10 @@ class ReferenceModel:
                  micro_batch: int = 16):
         """`cfg` is the run's ReferenceConfig (device, threads); `dtype` and `autocast` are the learner's
         (`ppo.dtype`, `ppo.autocast`); `temperature` is the sampling temperature of the rollouts."""
-        from transformers import AutoModelForCausalLM
-
         if _restarted_actor():
             log.warning("reference model restarted by Ray after its process died; the calls it lost run again")
         torch.set_num_threads(cfg.threads)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype)).to(cfg.device)
+        self.model = load_causal_lm(model_path, dtype, cfg.device)
         self.model.eval().requires_grad_(False)
         self.pad_id = self.model.config.pad_token_id or 0
         self.autocast = autocast

@@ -5,7 +5,7 @@
                      learner ranks can load them, whatever number wrote them
     learner.pt       KL controller, running score moments, policy version, random state of the minibatch order
     stream.json      data position (actors/prompt_ledger.py): the shuffle's state, every prompt drawn but not trained on
-    meta.json        step, policy version, W&B run id; written last, so a directory without it is incomplete
+    meta.json        step, policy version, W&B run id, the reward trained on; written last, so a directory without it is incomplete
 
 A checkpoint is written into `step-NNNNNN.partial` and renamed when complete, so a job killed while
 writing never leaves a checkpoint that looks whole. On a multi-node cluster `train.output_dir` must
@@ -82,10 +82,18 @@ def save(learner, ledger, step: int, output_dir: str, keep: int, watchdog, extra
     return final
 
 
-def restore(path: Path, learner, stream) -> dict:
-    """Load a checkpoint into the learner and the stream; returns its meta (the step to continue after)."""
+def restore(path: Path, learner, stream, reward: str) -> dict:
+    """Load a checkpoint into the learner and the stream; returns its meta (the step to continue after).
+
+    Where the checkpoint was trained on another reward than `reward` (this run's `reward.scorer`: online RLHF's
+    next round, on a retrained reward model), the learner's reward statistics start afresh: the running score
+    moments measured the old model's scale, and an adaptive KL coefficient was balanced against its rewards."""
     meta = read_meta(path)
-    version = stream.watchdog.get(learner.load_checkpoint(str(path)), "learner", "load_checkpoint")
+    same_reward = meta.get("reward", reward) == reward
+    if not same_reward:
+        log.info("%s was trained on the reward %s, this run on %s: the running score moments and the KL "
+                 "coefficient start afresh", path, meta["reward"], reward)
+    version = stream.watchdog.get(learner.load_checkpoint(str(path), same_reward), "learner", "load_checkpoint")
     stream.resume(json.loads((path / "stream.json").read_text()), version)
     log.info("resumed from %s: step %d, policy version %d", path, meta["step"], version)
     return meta

@@ -196,7 +196,8 @@ class TrainConfig:
     max_staleness: int = opt(0, "0 = on-policy; k = train on rollouts at most k versions old", ge=0)
     buffer_size: int = opt(128, "bounded rollout buffer, in prompts", ge=1)
     eval_every: int = opt(10, "evaluate on held-out prompts every k steps (and at start and end)", ge=1)
-    eval_temperature: float = opt(1.0, "sampling temperature of the evaluation", gt=0.0)
+    eval_temperature: float = opt(0.0, "sampling temperature of the evaluation; 0 = generation.temperature (the "
+                                       "policy as it trains)", ge=0.0)
     eval_samples: int = opt(2, "responses sampled per held-out prompt in an evaluation", ge=1)
     elo: bool = opt(False, "rate the policy at each evaluation against the earlier evaluations' policies (their "
                            "held-out responses, judged by elo.judge): eval/elo, and ratings.png at the end")
@@ -255,12 +256,18 @@ class RunConfig:
                 _check_range(f"{section.name}.{f.name}", getattr(sub, f.name), f.metadata)
         self._resolve_auto_dtypes()
         self._resolve_old_logprobs()
+        if self.train.eval_temperature == 0:
+            self.train.eval_temperature = self.generation.temperature
         if self.ppo.minibatch_size > self.train.prompts_per_step * self.generation.samples_per_prompt:
             raise ConfigError(
                 f"ppo.minibatch_size ({self.ppo.minibatch_size}) is larger than a batch "
                 f"(train.prompts_per_step * generation.samples_per_prompt = "
                 f"{self.train.prompts_per_step * self.generation.samples_per_prompt}); lower it")
         self._check_learner_group()
+        if self.ppo.ptx_coef > 0 and self.ppo.ptx_batch_size < self.ppo.num_learners:
+            raise ConfigError(f"ppo.ptx_batch_size ({self.ppo.ptx_batch_size}) must be at least ppo.num_learners "
+                              f"({self.ppo.num_learners}): every learner rank takes a share of each step's "
+                              f"demonstrations; raise ppo.ptx_batch_size")
         if self.ppo.ptx_coef > 0 and not self.ppo.ptx_path:
             raise ConfigError(f"ppo.ptx_coef = {self.ppo.ptx_coef} mixes demonstrations into PPO: set ppo.ptx_path to "
                               f"a demonstration file (make one with `rlhf make-demos`), or ppo.ptx_coef=0")

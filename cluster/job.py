@@ -157,14 +157,15 @@ def _start_loop(job: Job, roles: Roles, stream: RolloutStream, resume: Path | No
     cfg = job.cfg
     meta = {}
     if resume is not None:
-        meta = checkpoint.restore(resume, roles.learner, stream)
+        meta = checkpoint.restore(resume, roles.learner, stream, cfg.reward.scorer)
         publish_weights(stream, roles.learner, block=True)  # every worker starts from the initial policy
     logger = RunLogger(cfg.train.output_dir, cfg.to_dict(), cfg.train.wandb_mode, cfg.train.wandb_project,
                        cfg.train.steps, resume_id=meta.get("wandb_id"), first_step=meta.get("step", 0) + 1)
 
     def save_checkpoint(step: int, watchdog: Watchdog = stream.watchdog) -> Path:
         path = checkpoint.save(roles.learner, stream.ledger, step, cfg.train.output_dir, cfg.train.keep_checkpoints,
-                               watchdog, {"before": loop.before, "after": loop.after, "wandb_id": logger.run_id})
+                               watchdog, {"before": loop.before, "after": loop.after, "wandb_id": logger.run_id,
+                                          "reward": cfg.reward.scorer})
         logger.checkpoint(path, step)
         return path
 

@@ -84,8 +84,10 @@ def label_pairs(prompts: list[Prompt], groups: list[list[Rollout]], labeller,
         if abs(sa - sb) < min_margin or a.text.strip() == b.text.strip():
             continue
         (win, s_win), (lose, s_lose) = sorted([(a, sa), (b, sb)], key=lambda x: -x[1])
-        pairs.append(PreferencePair(prompt=text, chosen=win.text, rejected=lose.text))
-        extra.append({"chosen_score": s_win, "rejected_score": s_lose, "flipped": False})
+        pairs.append(PreferencePair(prompt=text, chosen=win.text, rejected=lose.text,
+                                    chosen_finished=win.finished, rejected_finished=lose.finished))
+        extra.append({"chosen_score": s_win, "rejected_score": s_lose, "flipped": False,
+                      "chosen_finished": win.finished, "rejected_finished": lose.finished})
     return pairs, extra, len(firsts) - len(pairs)
 
 
@@ -95,9 +97,11 @@ def flip_labels(pairs: list[PreferencePair], extra: list[dict], fraction: float,
     preference set labelled without noise would flatter the reward model. Returns how many were flipped."""
     flips = random.Random(seed).sample(range(len(pairs)), round(fraction * len(pairs)))
     for i in flips:
-        pairs[i] = PreferencePair(prompt=pairs[i].prompt, chosen=pairs[i].rejected, rejected=pairs[i].chosen)
-        extra[i] = {"chosen_score": extra[i]["rejected_score"], "rejected_score": extra[i]["chosen_score"],
-                    "flipped": True}
+        pair, e = pairs[i], extra[i]
+        pairs[i] = PreferencePair(prompt=pair.prompt, chosen=pair.rejected, rejected=pair.chosen,
+                                  chosen_finished=pair.rejected_finished, rejected_finished=pair.chosen_finished)
+        extra[i] = {"chosen_score": e["rejected_score"], "rejected_score": e["chosen_score"], "flipped": True,
+                    "chosen_finished": e.get("rejected_finished", True), "rejected_finished": e.get("chosen_finished", True)}
     return len(flips)
 
 

@@ -52,8 +52,8 @@ def encode_pairs(pairs: list[PreferencePair], tokenizer, max_length: int, source
     longer reply takes it over `max_length` tokens is a bad row."""
     encoded, problems = [], []
     for pair in pairs:
-        prompt, chosen = encode_reply(tokenizer, pair.prompt, pair.chosen)
-        _, rejected = encode_reply(tokenizer, pair.prompt, pair.rejected)
+        prompt, chosen = encode_reply(tokenizer, pair.prompt, pair.chosen, pair.chosen_finished)
+        _, rejected = encode_reply(tokenizer, pair.prompt, pair.rejected, pair.rejected_finished)
         if len(prompt) + max(len(chosen), len(rejected)) > max_length:
             problems.append(f"row {pair.row}: {len(prompt)} prompt + {max(len(chosen), len(rejected))} reply "
                             f"tokens, over dpo.max_length = {max_length}")

@@ -56,8 +56,42 @@ def response_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     head = model.get_output_embeddings()
     with torch.autocast(hidden.device.type, enabled=False):
         bias = None if head.bias is None else head.bias.float()
-        logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+        logits = after_head(model.config, torch.nn.functional.linear(hidden.float(), head.weight.float(), bias))
     return logits / temperature, hidden
+
+
+def after_head(config, logits: torch.Tensor) -> torch.Tensor:
+    """The transforms some architectures apply to the LM head's output in their own forward (and vLLM with
+    them): Cohere's `logit_scale`, Granite's `logits_scaling`, Gemma 2/3's final soft-capping. Any other is
+    caught by `load_causal_lm`'s check."""
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def load_causal_lm(path: str, dtype: str, device: str | torch.device):
+    """An HF causal LM in `dtype` on `device`, refused by name where its own forward computes logits that
+    `response_forward` does not (a transform after the LM head that `after_head` does not know): log-probs
+    of such a model here would not be the ones its generation samples from."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).to(device)
+    ids = torch.arange(3, 11, device=model.device).unsqueeze(0)
+    with torch.no_grad():
+        ours, _ = response_forward(model, ids, torch.ones_like(ids), 4)
+        theirs = model(input_ids=ids).logits[:, -5:-1].float()
+    gap = (ours - theirs).abs().max().item()
+    # bf16 weights round the model's own head (ours runs in float32): allow a few per cent of the logits' size
+    if gap > 0.05 * max(theirs.abs().max().item(), 1.0):
+        raise ValueError(f"{type(model).__name__} ({path}) computes its logits in a way this project's forward "
+                         f"does not reproduce (largest logit gap {gap:.3g}): a transform after its LM head that "
+                         f"learner/forward.py's after_head does not apply. Such models are not supported yet")
+    return model
 
 
 # Attention implementations that take a custom 4D mask (flash attention does not: it sees no sharing).

@@ -27,7 +27,7 @@ from actors.weights import BucketWriter, PublishedWeights
 from learner import distributed, lora, ppo_math
 from learner.estimators import ESTIMATORS
 from learner.distributed import PolicyWithValue
-from learner.forward import autocast, token_logprobs, torch_dtype
+from learner.forward import autocast, load_causal_lm, token_logprobs, torch_dtype
 from learner.sft import held_out_nll, reply_nll
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class PPOLearner:
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
         self.inference_dtype = torch_dtype(inference_dtype)
-        self.policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(cfg.dtype)).to(self.device)
+        self.policy = load_causal_lm(model_path, cfg.dtype, self.device)
         if cfg.lora_rank:
             self.policy = lora.add_adapters(self.policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -416,19 +416,20 @@ class PPOLearner:
         """Everything `load_checkpoint` needs to continue exactly, as any number of ranks can load it:
         `policy/`, the HF export (`save`); `learner/`, the weights and the optimizer's moments sharded
         (torch.distributed.checkpoint); `learner.pt`, the KL controller, the running score moments, the
-        version and the random state of the minibatch order. Returns the policy version."""
+        version, the random state of the minibatch order and PPO-ptx's place in its demonstrations. Returns the policy version."""
         out = Path(path)
         self.save(str(out / "policy"))
         distributed.save_sharded(out / "learner", self.model, self.optimizer)
         if self.rank == 0:
             torch.save({"kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
-                        "version": self.version, "generator": self.generator.get_state(),
+                        "version": self.version, "generator": self.generator.get_state(), "ptx_next": self.ptx_next,
                         "torch_rng": torch.get_rng_state()}, out / "learner.pt")
         return self.version
 
-    def load_checkpoint(self, path: str) -> int:
+    def load_checkpoint(self, path: str, reward_state: bool = True) -> int:
         """Continue from `save_checkpoint(path)`, written by this or another number of ranks: its weights
-        replace the ones the learner started from. Returns the policy version."""
+        replace the ones the learner started from. Without `reward_state` the KL controller and the running score
+        moments are not loaded (the checkpoint was trained on another reward). Returns the policy version."""
         out = Path(path)
         if not (out / "learner").is_dir():
             raise ValueError(f"{out} has no sharded learner state (learner/): it was written by an older version "
@@ -436,9 +437,11 @@ class PPOLearner:
         distributed.load_sharded(out / "learner", self.model, self.optimizer)
         # On the CPU: the random states must stay CPU byte tensors.
         state = torch.load(out / "learner.pt", map_location="cpu", weights_only=False)
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.score_moments.load_state_dict(state["score_moments"])
+        if reward_state:
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
+            self.score_moments.load_state_dict(state["score_moments"])
         self.version = state["version"]
+        self.ptx_next = state.get("ptx_next", 0)  # where the demonstrations' cycle goes on
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         return self.version

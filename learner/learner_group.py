@@ -81,9 +81,10 @@ class LearnerGroup:
         """A resumable checkpoint, each rank writing its shards -> the policy version."""
         return self._all("save_checkpoint", path)
 
-    def load_checkpoint(self, path: str) -> ray.ObjectRef:
-        """Continue from a checkpoint written by any number of ranks -> the policy version."""
-        return self._all("load_checkpoint", path)
+    def load_checkpoint(self, path: str, reward_state: bool = True) -> ray.ObjectRef:
+        """Continue from a checkpoint written by any number of ranks (its reward statistics too, unless not
+        `reward_state`) -> the policy version."""
+        return self._all("load_checkpoint", path, reward_state)
 
     def pids(self) -> list[int]:
         return ray.get([rank.pid.remote() for rank in self.ranks])

@@ -18,7 +18,7 @@ import torch
 
 from actors.demonstrations import Demonstration, DemonstrationError, load_demonstrations, raise_or_skip
 from actors.rollout import pad
-from learner.forward import autocast, response_forward, torch_dtype
+from learner.forward import autocast, load_causal_lm, response_forward
 from learner.metrics import Progress
 from learner.ppo_math import logprobs_from_logits, masked_mean
 from reward_server.preferences import split_pairs
@@ -29,14 +29,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def encode_reply(tokenizer, prompt: str | list[dict], reply: str) -> tuple[list[int], list[int]]:
+def encode_reply(tokenizer, prompt: str | list[dict], reply: str, finished: bool = True
+                 ) -> tuple[list[int], list[int]]:
     """(prompt ids with the chat template and generation prompt, reply ids + EOS): the token layout of a
-    prompt and a reply as the generation workers see and sample them."""
+    prompt and a reply as the generation workers see and sample them. A reply that was cut off at the length
+    limit (`finished` false) gets no EOS: it did not end there."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
-    return list(ids), tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return list(ids), tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * finished
 
 
 def encode(demos: list[Demonstration], tokenizer, max_length: int, source: str,
@@ -101,13 +103,13 @@ class Trainer:
     name = "trainer"
 
     def __init__(self, model_path: str, cfg):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.device = torch.device(cfg.device)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(cfg.dtype)).to(self.device)
+        self.model = load_causal_lm(model_path, cfg.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = self.model.config.pad_token_id or 0
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)

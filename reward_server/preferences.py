@@ -37,12 +37,19 @@ class PreferencePair:
     chosen: str  # preferred final assistant reply
     rejected: str  # the other reply
     row: int = -1  # row number in the source file (0-based); -1 when generated
+    # False for a reply cut off at the sampler's length limit (the columns chosen_finished/rejected_finished,
+    # written by make-preferences): it ends without EOS, and a policy trained on it must not learn to stop there
+    chosen_finished: bool = True
+    rejected_finished: bool = True
 
 
 @dataclass
 class PreferenceSet:
     pairs: list[PreferencePair]
     skipped: list[str] = field(default_factory=list)  # one "row N: reason" per row skipped
+
+
+FINISHED_COLUMNS = ("chosen_finished", "rejected_finished")
 
 
 def load_preferences(path: str, *, form: str = "explicit", prompt_column: str = "prompt",
@@ -64,7 +71,8 @@ def load_preferences(path: str, *, form: str = "explicit", prompt_column: str = 
                                   f"its columns are {ds.column_names}. To fix: {hints}")
 
     pairs, problems = [], []
-    for i, row in enumerate(ds.select_columns(list(set(fields.values()))).to_list()):
+    ended = [c for c in FINISHED_COLUMNS if c in ds.column_names]
+    for i, row in enumerate(ds.select_columns(list(set(fields.values())) + ended).to_list()):
         try:
             if form == "explicit":
                 pair = _explicit_pair(row[prompt_column], row[chosen_column], row[rejected_column])
@@ -74,6 +82,8 @@ def load_preferences(path: str, *, form: str = "explicit", prompt_column: str = 
             problems.append(f"row {i}: {exc}")
             continue
         pair.row = i
+        for column in ended:  # a row without the flag (None) holds a reply that ended
+            setattr(pair, column, row[column] is None or bool(row[column]))
         pairs.append(pair)
 
     if problems and on_bad_row == "error":

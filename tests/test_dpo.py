@@ -45,3 +45,27 @@ def test_dpo_starts_at_log_2_and_learns_the_preferred_replies(tmp_path):
                                                   r"256\nFix these rows, or set preferences.on_bad_row=skip"):
         encode_pairs(long, trainer.tokenizer, 256, "pairs.jsonl")
     assert encode_pairs(long, trainer.tokenizer, 256, "pairs.jsonl", on_bad_row="skip") == []
+
+
+def test_a_reply_cut_off_at_the_length_limit_gets_no_eos_from_the_pair_file_to_the_encoding(tmp_path):
+    """make-preferences writes whether each reply finished; a cut reply did not end, so DPO must not teach
+    the policy to stop there. A flipped pair swaps the flags with the replies."""
+    from transformers import AutoTokenizer
+
+    from cluster.reward_modeling import flip_labels
+    from reward_server.preferences import load_preferences, write_preferences
+
+    tokenizer = AutoTokenizer.from_pretrained(str(prepare_tiny()))
+    pairs = [PreferencePair("Rain again.", "A cosy day in!", "It rains and rains and", rejected_finished=False),
+             PreferencePair("Late bus.", "More time to read.", "Sad.")]
+    extra = [{"chosen_score": 1.0, "rejected_score": 0.0, "flipped": False, "chosen_finished": True,
+              "rejected_finished": False}, {"chosen_score": 1.0, "rejected_score": 0.0, "flipped": False}]
+    flip_labels(pairs, extra, 0.5, seed=1)
+    assert extra[0]["flipped"] and (extra[0]["chosen_finished"], extra[0]["rejected_finished"]) == (False, True)
+    write_preferences(tmp_path / "pairs.jsonl", pairs, extra)
+    loaded = load_preferences(str(tmp_path / "pairs.jsonl")).pairs
+    assert (loaded[0].chosen, loaded[0].chosen_finished, loaded[0].rejected_finished) == \
+        ("It rains and rains and", False, True)
+    (_, cut, whole), (_, chosen, rejected) = encode_pairs(loaded, tokenizer, 256, "pairs.jsonl")
+    eos = tokenizer.eos_token_id
+    assert cut[-1] != eos and whole[-1] == eos and chosen[-1] == eos and rejected[-1] == eos

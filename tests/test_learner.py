@@ -330,3 +330,56 @@ def test_grpo_gives_tied_scores_no_advantage_of_their_own_whatever_the_kl(tiny, 
         k3 = [(math.exp(-0.1 * i) - 1 + 0.1 * i) * len(r.response_ids) for i, r in enumerate(batch)]
         assert metrics["loss/kl"] == pytest.approx(sum(k3) / sum(len(r.response_ids) for r in batch), rel=1e-4)
         assert metrics["loss/total"] == pytest.approx(metrics["loss/policy"] + 0.05 * metrics["loss/kl"], abs=1e-6)
+
+
+def test_a_checkpoint_keeps_ptx_place_and_the_reward_statistics_unless_the_reward_changed(tiny, tmp_path):
+    options = dict(reward_norm=True, kl_target=1.0, ptx_coef=1.0, ptx_path="demos.jsonl", ptx_batch_size=3)
+    ptx = [([5, 6, 7], [9, 10, 2]), ([12, 13], [14, 2])]
+    learner = PPOLearner(tiny, PPOConfig(autocast="none", threads=1, minibatch_size=8, **options),
+                         inference_dtype="float32", ptx=ptx)
+    learner.update(rollouts(learner))
+    assert learner.ptx_next == 1 and learner.score_moments.count == 8 and learner.kl_ctl.value != 0.05
+    learner.save_checkpoint(str(tmp_path / "ckpt"))
+    for same_reward in (True, False):
+        resumed = PPOLearner(tiny, PPOConfig(autocast="none", threads=1, minibatch_size=8, **options),
+                             inference_dtype="float32", ptx=ptx)
+        resumed.load_checkpoint(str(tmp_path / "ckpt"), reward_state=same_reward)
+        assert resumed.ptx_next == 1  # the demonstrations' cycle goes on where it was
+        assert resumed.score_moments.count == (8 if same_reward else 0)
+        assert resumed.kl_ctl.value == (learner.kl_ctl.value if same_reward else 0.05)
+
+
+def _tiny_of(kind: str, path, **transform):
+    """A randomly initialised 2-layer model of another architecture, saved to `path`."""
+    import transformers
+
+    config_class, model_class = {"gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+                                 "cohere": ("CohereConfig", "CohereForCausalLM"),
+                                 "granite": ("GraniteConfig", "GraniteForCausalLM")}[kind]
+    config = getattr(transformers, config_class)(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                 head_dim=16, pad_token_id=0, **transform)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(50.0)  # logits large enough for every transform to matter
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind,transform", [("gemma2", {"final_logit_softcapping": 3.0}),
+                                            ("cohere", {"logit_scale": 0.25}), ("granite", {"logits_scaling": 8.0})])
+def test_log_probs_apply_the_models_own_logit_transform_and_an_unknown_one_is_refused(tmp_path, monkeypatch, kind,
+                                                                                     transform):
+    from learner import forward
+
+    path = _tiny_of(kind, tmp_path / kind, **transform)
+    model = forward.load_causal_lm(path, "float32", "cpu")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    theirs = torch.log_softmax(model(input_ids=ids).logits[:, -4:-1].float(), -1)
+    ours, _ = forward.response_forward(model, ids, torch.ones_like(ids), 3)
+    torch.testing.assert_close(torch.log_softmax(ours, -1), theirs, rtol=0, atol=1e-4)
+    monkeypatch.setattr(forward, "after_head", lambda config, logits: logits)  # as if the transform were unknown
+    with pytest.raises(ValueError, match=r"ForCausalLM \(.*\) computes its logits in a way this project's forward "
+                                         r"does not reproduce"):
+        forward.load_causal_lm(path, "float32", "cpu")

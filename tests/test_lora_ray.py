@@ -49,10 +49,16 @@ def test_a_lora_worker_applies_each_published_adapter(ray_session):
         ray.kill(worker)
 
 
-def test_a_ppo_job_trains_lora_adapters_on_two_learner_ranks_without_a_reference_actor(ray_session, tmp_path):
+def test_a_ppo_job_trains_lora_adapters_on_two_learner_ranks_without_a_reference_actor(ray_session, tmp_path,
+                                                                                      monkeypatch):
+    from cluster import job, launch
+
+    launched = []
+    monkeypatch.setattr(job, "launch_roles", lambda *args, **kw: launched.append(launch.launch_roles(*args, **kw))
+                        or launched[-1])
     summary, steps = run(tmp_path, "train.steps=2", "ppo.lora_rank=4", "ppo.lr=1e-3", "ppo.num_learners=2")
     assert summary["policy_version"] == 2
     assert abs(steps[0]["eval/kl_mean"]) < 0.05  # the policy starts as the base: the reference
     assert all(s["learner/tokens"] > 0 for s in steps if s["step"] > 0)
-    with pytest.raises(ValueError):
-        ray.get_actor("reference", namespace="rlhf")
+    # the job's reference is its learner group (the base with adapters off), no actor of its own
+    assert launched and all(roles.reference is roles.learner for roles in launched)

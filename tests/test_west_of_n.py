@@ -92,7 +92,8 @@ def test_label_pairs_prefers_the_higher_score_and_drops_ties():
     pairs, extra, ties = label_pairs(prompts, groups, Lookup(scores), min_margin=0.05)
     assert ties == 1 and len(pairs) == 20
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs[:2]] == [("prompt 0", "r1", "r0"), ("prompt 1", "r3", "r2")]
-    assert extra[1] == {"chosen_score": 3.0, "rejected_score": 2.0, "flipped": False}
+    assert extra[1] == {"chosen_score": 3.0, "rejected_score": 2.0, "flipped": False, "chosen_finished": True,
+                        "rejected_finished": True}
 
 
 def test_flip_labels_swaps_exactly_the_fraction_reproducibly():
