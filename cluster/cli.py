@@ -150,7 +150,7 @@ def config(args) -> None:
 
         print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False))
     else:
-        print(describe())
+        print(describe(DEFAULT_CONFIG))
 
 
 def parser() -> argparse.ArgumentParser:

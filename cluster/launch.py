@@ -13,7 +13,7 @@ from actors.generation import GenerationWorker
 from actors.reference import ReferenceModel
 from actors.watchdog import Watchdog
 from actors.worker_pool import WorkerPool, worker_name
-from learner.learner import PPOLearner
+from learner.learner import LearnerSetup, PPOLearner
 from learner.learner_group import LearnerGroup
 from reward_server.server import start_reward_server
 
@@ -115,9 +115,9 @@ def launch_learners(cfg, model_path: str, ptx: list | None = None) -> LearnerGro
     ranks = [ray.remote(PPOLearner).options(
         name="learner" if i == 0 else f"learner-{i}", num_cpus=ppo.num_cpus, num_gpus=ppo.num_gpus,
         resources=role_resources(cfg, "learner"), scheduling_strategy=in_bundle[i],
-    ).remote(model_path, ppo, temperature=gen.temperature, inference_dtype=gen.dtype, rank=i,
-             world_size=ppo.num_learners, rendezvous=rendezvous, max_new_tokens=gen.max_new_tokens, ptx=ptx,
-             reference=cfg.reference_in_learner)
+    ).remote(model_path, ppo, LearnerSetup(temperature=gen.temperature, max_new_tokens=gen.max_new_tokens,
+                                           inference_dtype=gen.dtype, reference=cfg.reference_in_learner, rank=i,
+                                           world_size=ppo.num_learners, rendezvous=rendezvous), ptx)
         for i in range(ppo.num_learners)]
     return LearnerGroup(ranks, group)
 

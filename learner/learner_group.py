@@ -23,14 +23,16 @@ def _first_of_all(refs: list[ray.ObjectRef]):
     return ray.get(refs[0])
 
 
-class _GroupMethod:
-    """A learner method called as an actor's is (`.remote(*args)`), on every rank of the group."""
+class _RefLogprobs:
+    """The group's `ref_logprobs`, called as an actor's method is (`.remote(prompt_ids, response_ids,
+    temperature)`), so that the group stands where the reference actor would."""
 
-    def __init__(self, group: LearnerGroup, name: str):
-        self.group, self.name = group, name
+    def __init__(self, group: LearnerGroup):
+        self.group = group
 
-    def remote(self, *args) -> ray.ObjectRef:
-        return self.group._all(self.name, *args)
+    def remote(self, prompt_ids, response_ids, temperature=None) -> ray.ObjectRef:
+        return self.group._one([rank.ref_logprobs.remote(prompt_ids, response_ids, temperature)
+                                for rank in self.group.ranks])
 
 
 class LearnerGroup:
@@ -39,52 +41,53 @@ class LearnerGroup:
         self.ranks = ranks
         self.placement_group = placement_group
 
-    def _all(self, method: str, *args) -> ray.ObjectRef:
-        refs = [getattr(rank, method).remote(*args) for rank in self.ranks]
+    @staticmethod
+    def _one(refs: list[ray.ObjectRef]) -> ray.ObjectRef:
+        """One answer for the calls made on every rank: rank 0's (module docstring)."""
         return refs[0] if len(refs) == 1 else _first_of_all.remote(refs)
 
     def update(self, rollouts: list) -> ray.ObjectRef:
         """One PPO update on the batch (each rank trains on its share of every minibatch) -> metrics."""
-        return self._all("update", ray.put(rollouts) if len(self.ranks) > 1 else rollouts)
+        rollouts = ray.put(rollouts) if len(self.ranks) > 1 else rollouts
+        return self._one([rank.update.remote(rollouts) for rank in self.ranks])
 
     def publish(self) -> ray.ObjectRef:
-        """The policy published in buckets for the workers (actors/weights.py PublishedWeights)."""
-        return self._all("publish")
+        """The current policy version for the workers (learner/publication.py)."""
+        return self._one([rank.publish.remote() for rank in self.ranks])
 
     @property
-    def ref_logprobs(self) -> _GroupMethod:
-        """With LoRA the group is the reference model too (the base with adapters off; every rank computes,
-        as a sharded forward needs them all): `ref_logprobs.remote(prompt_ids, response_ids, temperature)`, as
-        the reference actor answers it."""
-        return _GroupMethod(self, "ref_logprobs")
+    def ref_logprobs(self) -> _RefLogprobs:
+        """A group that holds the reference (a frozen copy, or LoRA's base with adapters off) answers the
+        reference actor's call, every rank computing, as a sharded forward needs them all."""
+        return _RefLogprobs(self)
 
     def open_weight_transfer(self, workers: list) -> ray.ObjectRef:
         """`ppo.weight_transfer=nccl`: the NCCL group between rank 0 and the generation workers."""
-        return self._all("open_weight_transfer", workers)
+        return self._one([rank.open_weight_transfer.remote(workers) for rank in self.ranks])
 
     def perplexity(self, examples: list) -> ray.ObjectRef:
         """The policy's perplexity on the replies of encoded held-out demonstrations -> {eval/loss, eval/perplexity}."""
-        return self._all("perplexity", examples)
+        return self._one([rank.perplexity.remote(examples) for rank in self.ranks])
 
     def weights(self) -> ray.ObjectRef:
         """The whole policy in the workers' dtype as one state dict, gathered on rank 0 (for tests)."""
-        return self._all("weights")
+        return self._one([rank.weights.remote() for rank in self.ranks])
 
     def get_version(self) -> ray.ObjectRef:
-        return self._all("get_version")
+        return self._one([rank.get_version.remote() for rank in self.ranks])
 
     def save(self, path: str) -> ray.ObjectRef:
         """The HF model directory of the policy, written by rank 0 -> its path."""
-        return self._all("save", path)
+        return self._one([rank.save.remote(path) for rank in self.ranks])
 
     def save_checkpoint(self, path: str) -> ray.ObjectRef:
         """A resumable checkpoint, each rank writing its shards -> the policy version."""
-        return self._all("save_checkpoint", path)
+        return self._one([rank.save_checkpoint.remote(path) for rank in self.ranks])
 
     def load_checkpoint(self, path: str, reward_state: bool = True) -> ray.ObjectRef:
         """Continue from a checkpoint written by any number of ranks (its reward statistics too, unless not
         `reward_state`) -> the policy version."""
-        return self._all("load_checkpoint", path, reward_state)
+        return self._one([rank.load_checkpoint.remote(path, reward_state) for rank in self.ranks])
 
     def pids(self) -> list[int]:
         return ray.get([rank.pid.remote() for rank in self.ranks])

@@ -1,10 +1,12 @@
 """The PPO training loop: take a batch -> update -> publish, step after step, with held-out evaluations and
 checkpoints.
 
-Generation, scoring and reference log-probs happen chunk by chunk in the rollout stream
-(actors/rollout_stream.py), which `take` drives; the learner computes old log-probs and values,
-KL-shaped rewards, GAE and the clipped epochs in `update` (learner/learner.py). With
-`train.max_staleness` >= 1 the workers go on generating while the learner trains. The job around the
+Generation and scoring (and the reference log-probs, where a reference actor computes them) happen chunk by
+chunk in the rollout stream (actors/rollout_stream.py), which `take` drives. The learner's `update`
+(learner/learner.py) does the rest; in the default job (GRPO, the reference in the learner) its first pass
+gives the proximal policy's and the reference's log-probs, then the group-normalised scores and the KL
+penalty make the advantages and the clipped minibatch steps follow. With `train.max_staleness` >= 1 the
+workers go on generating while the learner trains. The job around the
 loop (launching the roles, restarts, signals, hangs, the summary) is cluster/job.py.
 """
 

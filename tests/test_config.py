@@ -1,9 +1,30 @@
 """The run config: YAML + dotted overrides, typed, validated with errors that name the field."""
 
+import dataclasses
+
 import pytest
 
 from cluster.cli import DEFAULT_CONFIG, main
 from cluster.config import ConfigError, build_config, load_config
+
+
+def test_the_default_job_is_the_configs_defaults_so_rlhf_config_shows_what_it_runs(capsys):
+    default = load_config(DEFAULT_CONFIG)
+    assert dataclasses.replace(default, rm=build_config({}).rm) == build_config({})  # all but the RM's shape
+    assert (default.ppo.advantage, default.reference.placement, default.generation.samples_per_prompt,
+            default.train.steps) == ("grpo", "learner", 4, 8)
+    # the evaluation samples as the policy trains, unless told otherwise
+    assert build_config({"generation": {"temperature": 0.7}}).train.eval_temperature == 0.7
+    assert build_config({"generation": {"temperature": 0.7}, "train": {"eval_temperature": 1.0}}).train.eval_temperature == 1.0
+    assert main(["config"]) == 0
+    shown = capsys.readouterr().out
+    assert "advantage = 'grpo'" in shown and "eval_temperature = 0.0 (here: 1.0)" in shown
+    assert "autocast = 'auto' (here: " in shown and "pooling = 'mean'" in shown
+
+
+def test_ptx_needs_a_demonstration_for_every_learner_rank():
+    with pytest.raises(ConfigError, match=r"ppo.ptx_batch_size \(1\) must be at least ppo.num_learners \(2\)"):
+        build_config({"ppo": {"num_learners": 2, "ptx_coef": 0.5, "ptx_path": "d.jsonl", "ptx_batch_size": 1}})
 
 
 def test_default_yaml_loads_and_overrides_apply():
@@ -35,7 +56,7 @@ def test_bad_values_name_the_field(override, words):
 
 def test_cross_field_checks():
     with pytest.raises(ConfigError, match="minibatch_size"):
-        build_config({"ppo": {"minibatch_size": 32}, "train": {"prompts_per_step": 8}})
+        build_config({"ppo": {"minibatch_size": 64}, "train": {"prompts_per_step": 8}})
     with pytest.raises(ConfigError, match="max_model_len"):
         build_config({"data": {"max_prompt_tokens": 500}, "generation": {"max_model_len": 512}})
     with pytest.raises(ConfigError, match="autoscale_min_workers .0. must be between 1"):
@@ -43,9 +64,10 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match=r"needs on-policy rollouts \(train.max_staleness = 0, it is 1\)"):
         build_config({"ppo": {"old_logprobs": "behaviour", "advantage": "reinforce_pp"}, "train": {"max_staleness": 1}})
     with pytest.raises(ConfigError, match="and no value head .* it is gae"):
-        build_config({"ppo": {"old_logprobs": "behaviour"}})
+        build_config({"ppo": {"old_logprobs": "behaviour", "advantage": "gae"}})
     assert build_config({"ppo": {"old_logprobs": "behaviour", "advantage": "reinforce_pp"}}).ppo.old_logprobs == "behaviour"
     assert build_config({"reference": {"placement": "learner"}}).reference_in_learner
+    assert not build_config({"reference": {"placement": "actor"}}).reference_in_learner
     # auto: the workers' log-probs where they are the learner's own (float32 on both sides), else the learner's
     fp32 = {"generation": {"dtype": "float32", "samples_per_prompt": 2}, "ppo": {"autocast": "none", "advantage": "grpo"}}
     assert build_config(fp32).ppo.old_logprobs == "behaviour"
@@ -53,7 +75,8 @@ def test_cross_field_checks():
                   {"train": {"max_staleness": 1}}, {"ppo": {"lora_rank": 8}}):
         mixed = {k: {**fp32.get(k, {}), **other.get(k, {})} for k in {*fp32, *other}}
         assert build_config(mixed).ppo.old_logprobs == "learner", other
-    assert build_config({"ppo": {"lora_rank": 8}}).reference_in_learner and not build_config({}).reference_in_learner
+    actor = {"reference": {"placement": "actor"}}
+    assert build_config({**actor, "ppo": {"lora_rank": 8}}).reference_in_learner and not build_config(actor).reference_in_learner
 
 
 def test_a_learner_group_needs_a_share_of_every_minibatch_per_rank():
@@ -153,7 +176,7 @@ def test_nccl_weight_transfer_needs_cuda_full_fine_tuning_and_fixed_workers():
 def test_group_estimators_need_several_samples_per_prompt():
     for estimator in ("grpo", "rloo"):
         with pytest.raises(ConfigError, match=f"ppo.advantage = {estimator} compares the responses to one prompt"):
-            build_config({"ppo": {"advantage": estimator}})
+            build_config({"ppo": {"advantage": estimator}, "generation": {"samples_per_prompt": 1}})
     cfg = build_config({"ppo": {"advantage": "grpo"}, "generation": {"samples_per_prompt": 4}})
     assert cfg.ppo.advantage == "grpo"
     assert build_config({"ppo": {"advantage": "reinforce_pp"}}).ppo.advantage == "reinforce_pp"

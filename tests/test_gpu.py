@@ -15,7 +15,7 @@ from actors.reference import ReferenceModel
 from actors.rollout import Rollout
 from cluster.config import PPOConfig, ReferenceConfig, RewardModelConfig
 from cluster.models import prepare_tiny
-from learner.learner import PPOLearner
+from learner.learner import LearnerSetup, PPOLearner
 from reward_server.preferences import PreferencePair
 from reward_server.reward_model import RewardModelTrainer
 
@@ -38,8 +38,8 @@ def rollouts(n: int, vocab: int, rng: random.Random) -> list[Rollout]:
 
 
 def learner(model: str) -> PPOLearner:
-    return PPOLearner(model, PPOConfig(device="cuda", autocast="bfloat16", minibatch_size=16),
-                      inference_dtype="bfloat16")
+    return PPOLearner(model, PPOConfig(device="cuda", autocast="bfloat16", minibatch_size=16, advantage="gae"),
+                      LearnerSetup(inference_dtype="bfloat16"))
 
 
 def test_ppo_update_reference_and_checkpoint_on_cuda(model, tmp_path):
@@ -84,8 +84,8 @@ def test_a_learner_rank_over_nccl_checkpoints_shards_and_lora_trains_on_cuda(mod
     batch = rollouts(32, AutoConfig.from_pretrained(model).vocab_size, random.Random(1))
     for r in batch:
         r.ref_logprobs = list(r.logprobs)
-    rank = PPOLearner(model, PPOConfig(device="cuda", autocast="bfloat16", minibatch_size=16),
-                      inference_dtype="bfloat16", rank=0, world_size=1, rendezvous=f"tcp://127.0.0.1:{free_port()}")
+    rank = PPOLearner(model, PPOConfig(device="cuda", autocast="bfloat16", minibatch_size=16, advantage="gae"),
+                      LearnerSetup(inference_dtype="bfloat16", rendezvous=f"tcp://127.0.0.1:{free_port()}"))
     try:
         assert dist.get_backend() == "nccl"
         assert rank.update(batch)["version/learner"] == 1
@@ -97,8 +97,8 @@ def test_a_learner_rank_over_nccl_checkpoints_shards_and_lora_trains_on_cuda(mod
     finally:
         dist.destroy_process_group()
 
-    lora = PPOLearner(model, PPOConfig(device="cuda", autocast="bfloat16", minibatch_size=16, lora_rank=8),
-                      inference_dtype="bfloat16")
+    lora = PPOLearner(model, PPOConfig(device="cuda", autocast="bfloat16", minibatch_size=16, advantage="gae", lora_rank=8),
+                      LearnerSetup(inference_dtype="bfloat16"))
     prompts, responses = [r.prompt_ids for r in batch[:4]], [r.response_ids for r in batch[:4]]
     reference = lora.ref_logprobs(prompts, responses)
     for _ in range(2):

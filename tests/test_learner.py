@@ -12,7 +12,7 @@ from actors.reference import ReferenceModel
 from actors.rollout import Rollout
 from cluster.config import PPOConfig, ReferenceConfig
 from cluster.models import prepare_tiny
-from learner.learner import PPOLearner
+from learner.learner import LearnerSetup, PPOLearner
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,9 @@ def tiny() -> str:
 
 
 def make_learner(tiny, **options) -> PPOLearner:
-    cfg = PPOConfig(**{"autocast": "none", "threads": 1, "minibatch_size": 8, **options})
-    return PPOLearner(tiny, cfg, inference_dtype="float32")
+    # GAE and its value head unless a test says otherwise: rollouts() gives every row its own prompt
+    cfg = PPOConfig(**{"autocast": "none", "threads": 1, "minibatch_size": 8, "advantage": "gae", **options})
+    return PPOLearner(tiny, cfg, LearnerSetup(inference_dtype="float32"))
 
 
 def rollouts(learner, count=8, seed=0, finished=True) -> list[Rollout]:
@@ -58,7 +59,7 @@ def test_a_learner_holding_the_reference_trains_as_with_the_reference_actor(tiny
     # reference.placement=learner: the rollouts come without reference log-probs and the learner's frozen
     # copy supplies them in the update's first pass, the same numbers as the reference actor's
     with_actor, holding = make_learner(tiny), PPOLearner(
-        tiny, PPOConfig(autocast="none", threads=1, minibatch_size=8), inference_dtype="float32", reference=True)
+        tiny, PPOConfig(autocast="none", threads=1, minibatch_size=8, advantage="gae"), LearnerSetup(inference_dtype="float32", reference=True))
     reference = ReferenceModel(tiny, ReferenceConfig(threads=1), dtype="float32", autocast="none")
     batch = rollouts(with_actor)
     refs = reference.ref_logprobs([r.prompt_ids for r in batch], [r.response_ids for r in batch])
@@ -75,11 +76,11 @@ def test_a_learner_holding_the_reference_trains_as_with_the_reference_actor(tiny
     # it answers for the reference (the evaluation's KL): the initial policy's log-probs, not its own
     held = holding.ref_logprobs([r.prompt_ids for r in batch], [r.response_ids for r in batch])
     assert max(abs(a - b) for x, y in zip(held, refs) for a, b in zip(x, y)) < 1e-5
-    assert make_learner(tiny).holds_reference is False
+    assert make_learner(tiny).reference.kind == "rollouts" and holding.reference.kind == "frozen"
     # without a KL penalty nothing needs the reference's log-probs: no forward of it, no KL reported
-    unpenalised = PPOLearner(tiny, PPOConfig(autocast="none", threads=1, minibatch_size=8, kl_coef=0.0),
-                             inference_dtype="float32", reference=True)
-    unpenalised._reference_forward = None  # calling it would fail the update
+    unpenalised = PPOLearner(tiny, PPOConfig(autocast="none", threads=1, minibatch_size=8, kl_coef=0.0, advantage="gae"),
+                             LearnerSetup(inference_dtype="float32", reference=True))
+    unpenalised.reference.module = None  # calling it would fail the update
     assert "kl/mean" not in unpenalised.update(batch)
 
 
@@ -335,14 +336,14 @@ def test_grpo_gives_tied_scores_no_advantage_of_their_own_whatever_the_kl(tiny, 
 def test_a_checkpoint_keeps_ptx_place_and_the_reward_statistics_unless_the_reward_changed(tiny, tmp_path):
     options = dict(reward_norm=True, kl_target=1.0, ptx_coef=1.0, ptx_path="demos.jsonl", ptx_batch_size=3)
     ptx = [([5, 6, 7], [9, 10, 2]), ([12, 13], [14, 2])]
-    learner = PPOLearner(tiny, PPOConfig(autocast="none", threads=1, minibatch_size=8, **options),
-                         inference_dtype="float32", ptx=ptx)
+    learner = PPOLearner(tiny, PPOConfig(autocast="none", threads=1, minibatch_size=8, advantage="gae", **options),
+                         LearnerSetup(inference_dtype="float32"), ptx=ptx)
     learner.update(rollouts(learner))
     assert learner.ptx_next == 1 and learner.score_moments.count == 8 and learner.kl_ctl.value != 0.05
     learner.save_checkpoint(str(tmp_path / "ckpt"))
     for same_reward in (True, False):
-        resumed = PPOLearner(tiny, PPOConfig(autocast="none", threads=1, minibatch_size=8, **options),
-                             inference_dtype="float32", ptx=ptx)
+        resumed = PPOLearner(tiny, PPOConfig(autocast="none", threads=1, minibatch_size=8, advantage="gae", **options),
+                             LearnerSetup(inference_dtype="float32"), ptx=ptx)
         resumed.load_checkpoint(str(tmp_path / "ckpt"), reward_state=same_reward)
         assert resumed.ptx_next == 1  # the demonstrations' cycle goes on where it was
         assert resumed.score_moments.count == (8 if same_reward else 0)

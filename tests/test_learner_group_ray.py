@@ -12,7 +12,7 @@ import torch
 from cluster.config import build_config
 from cluster.launch import launch_learners
 from cluster.models import prepare_tiny
-from learner.learner import PPOLearner
+from learner.learner import LearnerSetup, PPOLearner
 from tests.test_learner import assert_same_changes, grouped, rollouts, snapshot, with_sgd
 
 pytestmark = pytest.mark.ray
@@ -31,8 +31,10 @@ def tiny() -> str:
 
 def config(**ppo):
     # A large learning rate so that one update visibly moves this tiny random model.
+    # GAE and a reference actor unless a test says otherwise: rollouts() gives every row its own prompt
     return build_config({"ppo": {"lr": 3e-3, "autocast": "none", "minibatch_size": 8, "threads": 1,
-                                 "num_learners": 2, **ppo},
+                                 "num_learners": 2, "advantage": "gae", **ppo},
+                         "reference": {"placement": "actor"},
                          "train": {"prompts_per_step": 4},
                          # float32 weights out of the group: with bf16 workers `weights()` rounds to bf16
                          "generation": {"samples_per_prompt": 4, "dtype": "float32"}})
@@ -49,7 +51,7 @@ def max_gap(a: dict, b: dict) -> float:
 def test_two_ranks_train_as_one_and_checkpoints_reshard(ray_session, tiny, tmp_path):
     # AdamW throughout, for its moments in the checkpoints: the gradients themselves are compared below
     cfg = config()
-    one = PPOLearner(tiny, cfg.ppo, inference_dtype="float32")
+    one = PPOLearner(tiny, cfg.ppo, LearnerSetup(inference_dtype="float32"))
     start = {k: v.clone() for k, v in one.weights().items()}
     batches = [rollouts(one, count=16, seed=s) for s in range(3)]
     group = launch_learners(cfg, tiny)
@@ -68,7 +70,7 @@ def test_two_ranks_train_as_one_and_checkpoints_reshard(ray_session, tiny, tmp_p
         # written by 2 ranks, resumed by 1: the next update is the one the group makes (without the AdamW
         # moments it would differ by up to lr)
         assert ray.get(group.save_checkpoint(str(tmp_path / "by-2"))) == 1
-        resumed = PPOLearner(tiny, cfg.ppo, inference_dtype="float32")
+        resumed = PPOLearner(tiny, cfg.ppo, LearnerSetup(inference_dtype="float32"))
         assert resumed.load_checkpoint(str(tmp_path / "by-2")) == 1
         resumed.update(batches[1])
         ray.get(group.update(batches[1]))
@@ -97,7 +99,7 @@ def test_two_ranks_give_one_ranks_gradients_with_grpo_shared_prompts_a_per_respo
     cfg = config(advantage="grpo", loss_agg="seq_mean_token_mean", ptx_coef=0.5, ptx_path="demos.jsonl",
                  ptx_batch_size=4, collective_timeout_s=60.0)
     ptx = [([5, 6, 7], [9, 10, 11, 2]), ([12, 13], [14, 2]), ([16], [17, 18, 19, 20, 2]), ([21, 22], [23, 2])]
-    one = with_sgd(PPOLearner(tiny, cfg.ppo, inference_dtype="float32", ptx=ptx))
+    one = with_sgd(PPOLearner(tiny, cfg.ppo, LearnerSetup(inference_dtype="float32"), ptx=ptx))
     start = snapshot(one)
     batch = grouped(one, seed=3, count=16, size=4)
     group = launch_learners(cfg, tiny, ptx)
@@ -118,12 +120,12 @@ def test_ranks_whose_rows_share_prompts_differently_neither_hang_nor_differ_from
     demonstrations that repeat a prompt on one rank. Each update finishes (a collective that depended on one
     rank's rows would wait out ppo.collective_timeout_s) with one rank's gradients."""
     cfg = build_config({"ppo": {"lr": 3e-3, "autocast": "none", "minibatch_size": 6, "threads": 1,
-                                "num_learners": 3, "collective_timeout_s": 60.0,
+                                "num_learners": 3, "collective_timeout_s": 60.0, "advantage": "gae",
                                 "ptx_coef": 0.5, "ptx_path": "demos.jsonl", "ptx_batch_size": 3},
-                        "train": {"prompts_per_step": 2},
+                        "train": {"prompts_per_step": 2}, "reference": {"placement": "actor"},
                         "generation": {"samples_per_prompt": 3, "dtype": "float32"}})
     ptx = [([5, 6, 7], [9, 10, 2]), ([5, 6, 7], [11, 12, 13, 2]), ([16], [17, 2])]  # rank 0: one prompt, twice
-    one = with_sgd(PPOLearner(tiny, cfg.ppo, inference_dtype="float32", ptx=ptx))
+    one = with_sgd(PPOLearner(tiny, cfg.ppo, LearnerSetup(inference_dtype="float32"), ptx=ptx))
     threes = grouped(one, seed=4, count=6, size=3)
     singles = rollouts(one, count=6, seed=5)
     singles[1].prompt_ids = singles[0].prompt_ids  # rows 0 and 1 (rank 0's share) ask the same; groups differ
@@ -143,7 +145,7 @@ def test_ranks_whose_rows_share_prompts_differently_neither_hang_nor_differ_from
 
 def test_two_lora_ranks_serve_the_reference_train_publish_and_checkpoint_as_one(ray_session, tiny, tmp_path):
     cfg = config(lora_rank=4)
-    one = PPOLearner(tiny, cfg.ppo, inference_dtype="float32")
+    one = PPOLearner(tiny, cfg.ppo, LearnerSetup(inference_dtype="float32"))
     batch = rollouts(one, count=16, seed=0)
     prompts, responses = [r.prompt_ids for r in batch], [r.response_ids for r in batch]
     gap = lambda a, b: max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))  # noqa: E731
@@ -164,7 +166,7 @@ def test_two_lora_ranks_serve_the_reference_train_publish_and_checkpoint_as_one(
         assert max(t.abs().max().item() for k, t in adapters.items() if "lora_B" in k) > 1e-3  # B left zero
 
         assert ray.get(group.save_checkpoint(str(tmp_path / "by-2"))) == 1
-        resumed = PPOLearner(tiny, cfg.ppo, inference_dtype="float32")
+        resumed = PPOLearner(tiny, cfg.ppo, LearnerSetup(inference_dtype="float32"))
         resumed.load_checkpoint(str(tmp_path / "by-2"))
         assert max_gap(resumed.weights(), ray.get(group.weights())) < TOL
     finally:

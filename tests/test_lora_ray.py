@@ -9,7 +9,7 @@ from actors.generation import GenerationWorker
 from actors.prompts import load_prompts
 from cluster.config import build_config
 from cluster.models import prepare_tiny
-from learner.learner import PPOLearner
+from learner.learner import LearnerSetup, PPOLearner
 from tests.test_pipeline_ray import run
 from tests.test_weight_sync import LOGPROB_TOL, max_gap
 
@@ -22,10 +22,11 @@ def test_a_lora_worker_applies_each_published_adapter(ray_session):
     path = str(prepare_tiny())
     cfg = build_config({"generation": {"dtype": "float32", "kv_cache_gib": 0.25, "max_model_len": 256,
                                        "threads": 1, "max_new_tokens": 16},
-                        "ppo": {"lr": 3e-3, "autocast": "none", "minibatch_size": 8, "threads": 1, "lora_rank": 4},
+                        "ppo": {"lr": 3e-3, "autocast": "none", "minibatch_size": 8, "threads": 1, "lora_rank": 4,
+                                "advantage": "gae"},
                         "data": {"eval_size": 8}})
     worker = ray.remote(GenerationWorker).options(num_cpus=1).remote("lora-worker", path, cfg.generation, lora_rank=4)
-    learner = PPOLearner(path, cfg.ppo, inference_dtype="float32")
+    learner = PPOLearner(path, cfg.ppo, LearnerSetup(inference_dtype="float32"))
     prompts, _ = load_prompts(cfg.data, AutoTokenizer.from_pretrained(path))
     try:
         batch = [(p.index, p.token_ids) for p in prompts[:8]]

@@ -25,7 +25,8 @@ def test_the_plan_matches_what_the_learner_holds_and_sharding_divides_it():
     learner = make_learner(tiny)
     learner.update(rollouts(learner))
     held = learner.memory()
-    cfg = build_config({"ppo": {"autocast": "none"}})
+    # as make_learner builds it: GAE with a value head, no frozen reference copy
+    cfg = build_config({"ppo": {"autocast": "none", "advantage": "gae"}, "reference": {"placement": "actor"}})
     one, two = learner_rank(model_shape(tiny), cfg, 1), learner_rank(model_shape(tiny), cfg, 2)
     for kind in ("weights", "gradients", "optimizer"):
         assert one[kind] == pytest.approx(held[kind], rel=0.2)

@@ -9,7 +9,7 @@ from actors.prompts import load_prompts
 from actors.weights import publish_state_dict
 from cluster.config import build_config
 from cluster.models import prepare_tiny
-from learner.learner import PPOLearner
+from learner.learner import LearnerSetup, PPOLearner
 from reward_server.scorers import VaderScorer
 
 pytestmark = pytest.mark.ray
@@ -33,7 +33,7 @@ def setup(ray_session):
                         "data": {"eval_size": 8}})
     workers = [ray.remote(GenerationWorker).options(num_cpus=1).remote(f"w{i}", path, cfg.generation, seed=i)
                for i in range(2)]
-    learner = ray.remote(PPOLearner).options(num_cpus=1).remote(path, cfg.ppo, inference_dtype="float32")
+    learner = ray.remote(PPOLearner).options(num_cpus=1).remote(path, cfg.ppo, LearnerSetup(inference_dtype="float32"))
     train, _ = load_prompts(cfg.data, AutoTokenizer.from_pretrained(path))
     yield workers, learner, train[:8]
     for actor in workers + [learner]:
