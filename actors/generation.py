@@ -236,5 +236,7 @@ class GenerationWorker:
         return result
 
     def stats(self) -> dict:
+        import ray
+
         return {"name": self.name, "version": self.version, "tokens_generated": self.tokens_generated,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}

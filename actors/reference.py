@@ -62,3 +62,9 @@ class ReferenceModel:
     def pid(self) -> int:
         """This actor's process id (the fault tests kill it)."""
         return os.getpid()
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()

@@ -47,19 +47,31 @@ class ControlLink:
     pending scaling request with `scale_to(count)`; it never waits for the actor."""
 
     def __init__(self, actor, status: Callable[[], dict], workers: Callable[[], int],
-                 scale_to: Callable[[int], None], interval_s: float = 1.0):
+                 scale_to: Callable[[int], None], interval_s: float = 1.0,
+                 restart: Callable[[], object] | None = None):
+        """`restart()`: a new control actor for one that was lost (default: `start_control`)."""
         self.actor, self.status, self.workers, self.scale_to = actor, status, workers, scale_to
         self.interval_s = interval_s
+        self.restart = restart or start_control
         self.reply = None  # the poll in flight
         self.last_poll = 0.0
 
     def poll(self) -> None:
         import ray
+        from ray.exceptions import RayActorError
 
         if self.reply is not None:
             if not ray.wait([self.reply], timeout=0)[0]:
                 return
-            requested, self.reply = ray.get(self.reply), None
+            try:
+                requested = ray.get(self.reply)
+            except RayActorError as exc:
+                # Training never needs the control actor: start another (a scaling request sent to the lost
+                # one is lost with it) and go on.
+                log.warning("the job's control actor was lost (%s); starting another: `rlhf scale` and `rlhf "
+                            "status` answer again in a moment", type(exc).__name__)
+                requested, self.actor = None, self.restart()
+            self.reply = None
             if requested is not None and requested != self.workers():
                 log.info("scaling request: %d -> %d generation workers", self.workers(), requested)
                 self.scale_to(requested)
@@ -69,14 +81,17 @@ class ControlLink:
 
 
 def start_control():
-    """The job's control actor (replacing one a previous job left under the same name)."""
+    """The job's control actor (replacing one a previous job left under the same name), on the driver's
+    node, so that losing another node does not take it."""
     import ray
+
+    from actors.nodes import on_this_node
 
     try:
         ray.kill(ray.get_actor(CONTROL_NAME))
     except ValueError:
         pass
-    return ray.remote(JobControl).options(name=CONTROL_NAME, num_cpus=0).remote()
+    return ray.remote(JobControl).options(name=CONTROL_NAME, num_cpus=0, scheduling_strategy=on_this_node()).remote()
 
 
 def find_control(address: str, namespace: str):

@@ -24,7 +24,7 @@ from actors.watchdog import Hang, JobHung, Watchdog
 from cluster import checkpoint
 from cluster.config import ConfigError, RunConfig
 from cluster.control import ControlLink, start_control
-from cluster.launch import Roles, launch_roles, shutdown_roles, start_ray
+from cluster.launch import Roles, describe_nodes, launch_roles, roles_by_node, shutdown_roles, start_ray
 from cluster.models import resolve_model
 from cluster.monitoring import JobMetrics, MemoryWatch
 from cluster.stacks import actor_stack
@@ -124,10 +124,11 @@ def _attempt(job: Job, resume: Path | None, attempt: int) -> dict:
     cfg = job.cfg
     watchdog = Watchdog(cfg.train.hang_timeout_s)
     roles = launch_roles(cfg, job.model_path, watchdog, ptx=job.ptx)
-    control, loop = start_control(), None
+    link = ControlLink(start_control(), status=lambda: stream.status(), workers=lambda: len(roles.pool.workers),
+                       scale_to=roles.pool.scale_to)
+    loop = None
     try:
-        link = ControlLink(control, status=lambda: stream.status(), workers=lambda: len(roles.pool.workers),
-                           scale_to=roles.pool.scale_to)
+        log.info("roles by node:\n%s", describe_nodes(roles_by_node(roles)))
         gen = cfg.generation
         stream = RolloutStream(roles.pool, PromptLedger(job.train_prompts, cfg.data.seed),
                                None if cfg.reference_in_learner else roles.reference,
@@ -137,7 +138,7 @@ def _attempt(job: Job, resume: Path | None, attempt: int) -> dict:
                                on_pump=link.poll)
         loop = _start_loop(job, roles, stream, resume)
         run_steps(loop, loop.step + 1)
-        return _finish(job, loop, attempt)
+        return _finish(job, loop, roles, attempt)
     except RayActorError as exc:
         if _alive(roles.learner):
             raise
@@ -147,7 +148,7 @@ def _attempt(job: Job, resume: Path | None, attempt: int) -> dict:
     except Hang as exc:
         raise _report_hang(exc, job, roles, loop) from exc
     finally:
-        ray.kill(control)
+        ray.kill(link.actor)
         shutdown_roles(roles)
 
 
@@ -224,7 +225,7 @@ def _report_hang(hang: Hang, job: Job, roles: Roles, loop: Loop | None) -> JobHu
     return JobHung(f"the job is stuck: {hang}. Their Python stacks are in {out}; {saved}")
 
 
-def _finish(job: Job, loop: Loop, restarts: int) -> dict:
+def _finish(job: Job, loop: Loop, roles: Roles, restarts: int) -> dict:
     """The final model (`output_dir/checkpoint`), the summary, and the run's close."""
     cfg, stream = job.cfg, loop.stream
     final = stream.watchdog.get(loop.learner.save(str(Path(cfg.train.output_dir) / "checkpoint")),
@@ -240,7 +241,7 @@ def _finish(job: Job, loop: Loop, restarts: int) -> dict:
         "total_minutes": (time.perf_counter() - job.started) / 60,
         **stream.stats(), **stream.reward.counters,
         "worker_recovery_s": stream.pool.recoveries, "workers_joined": stream.pool.joined,
-        "learner_restarts": restarts, "checkpoint": final,
+        "learner_restarts": restarts, "checkpoint": final, "roles_by_node": roles_by_node(roles),
     }
     if loop.ladder is not None and len(loop.ladder.names) > 1:
         printed, _ = loop.ladder.write(str(Path(cfg.train.output_dir) / "elo"), cfg.elo.bootstrap, cfg.elo.seed)

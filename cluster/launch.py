@@ -172,6 +172,39 @@ def launch_worker(cfg, model_path: str, index: int, wait_s: float = 30.0):
             time.sleep(0.5)
 
 
+def roles_by_node(roles: Roles, timeout_s: float = 30.0) -> dict[str, list[str]]:
+    """Which roles run on which Ray node: node id -> role names (a role that does not answer within
+    `timeout_s`, e.g. one whose node was just lost, is left out)."""
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    asks = {worker_name(i): w.stats.remote() for i, w in roles.pool.workers.items()}
+    asks.update({"learner" if i == 0 else f"learner-{i}": rank.node_id.remote()
+                 for i, rank in enumerate(roles.learner.ranks)})
+    if roles.reference is not roles.learner:
+        asks["reference"] = roles.reference.node_id.remote()
+    placed: dict[str, list[str]] = {}
+    deadline = time.monotonic() + timeout_s
+    for role, ref in asks.items():
+        try:
+            answer = ray.get(ref, timeout=max(deadline - time.monotonic(), 0.1))
+        except (RayActorError, GetTimeoutError):
+            continue
+        placed.setdefault(answer["node_id"] if isinstance(answer, dict) else answer, []).append(role)
+    try:
+        placed.setdefault(roles.reward.node_id.remote().result(timeout_s=max(deadline - time.monotonic(), 0.1)),
+                          []).append("reward")
+    except Exception as exc:  # noqa: BLE001 - Serve raises its own kinds while a replica is being replaced
+        log.warning("the reward replica did not say where it runs (%s)", type(exc).__name__)
+    return placed
+
+
+def describe_nodes(placed: dict[str, list[str]]) -> str:
+    """`roles_by_node` as one line per node: its address, id and roles."""
+    address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    return "\n".join(f"  {address.get(node, '?')} ({node[:8]}): {', '.join(sorted(names))}"
+                     for node, names in placed.items())
+
+
 def shutdown_roles(roles: Roles) -> None:
     """Stop every role this job launched (a driver that exits stops them too; tests reuse one cluster)."""
     from ray import serve

@@ -307,3 +307,9 @@ class PPOLearner:
     def pid(self) -> int:
         """This actor's process id (the fault tests kill it)."""
         return os.getpid()
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ray
 
+from actors.nodes import on_this_node
+
 
 @ray.remote(num_cpus=0, max_retries=0)
 def _first_of_all(refs: list[ray.ObjectRef]):
@@ -44,7 +46,10 @@ class LearnerGroup:
     @staticmethod
     def _one(refs: list[ray.ObjectRef]) -> ray.ObjectRef:
         """One answer for the calls made on every rank: rank 0's (module docstring)."""
-        return refs[0] if len(refs) == 1 else _first_of_all.remote(refs)
+        if len(refs) == 1:
+            return refs[0]
+        # On the driver's node: a task on a lost node would fail with the node, not with the rank's error.
+        return _first_of_all.options(scheduling_strategy=on_this_node()).remote(refs)
 
     def update(self, rollouts: list) -> ray.ObjectRef:
         """One PPO update on the batch (each rank trains on its share of every minibatch) -> metrics."""

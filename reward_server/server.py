@@ -174,6 +174,12 @@ class RewardServer:
     async def health(self) -> Health:
         return Health(status="ok", scorer=self.cfg.scorer)
 
+    async def node_id(self) -> str:
+        """The Ray node this replica runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def _check_token(self, header: str) -> None:
         if not self.cfg.auth_token:
             return

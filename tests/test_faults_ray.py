@@ -240,3 +240,18 @@ def test_a_hung_worker_is_named_with_its_stack_and_the_job_exits_after_a_checkpo
     (saved,) = complete_checkpoints(str(tmp_path))  # written after the hang, not by checkpoint_every
     meta = json.loads((saved / "meta.json").read_text())
     assert meta["step"] == meta["policy_version"] >= 1
+
+
+def test_a_lost_control_actor_is_replaced_and_scaling_requests_reach_the_job_again(ray_session):
+    from cluster.control import ControlLink, start_control
+
+    scaled = []
+    link = ControlLink(start_control(), status=lambda: {"step": 1}, workers=lambda: 2, scale_to=scaled.append,
+                       interval_s=0)
+    lost = link.actor
+    ray.kill(lost)
+    wait_for(lambda: link.poll() or link.actor != lost, timeout=30)  # the poll in flight fails: a new actor
+    ray.get(ray.get_actor(CONTROL_NAME).scale.remote(3))  # what `rlhf scale --workers 3` sends
+    wait_for(lambda: link.poll() or scaled == [3], timeout=30)
+    assert ray.get(ray.get_actor(CONTROL_NAME).get_status.remote()) == {"step": 1}
+    ray.kill(link.actor)

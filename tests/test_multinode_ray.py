@@ -1,0 +1,149 @@
+"""The job across Ray nodes, on a simulated cluster of one machine (cluster/simulated.py: every node its own
+raylet and object store): roles placed by `train.role_resources` on the nodes meant for them, the learner
+group's ranks on two nodes, and whole nodes killed mid-run as a preempted machine dies.
+
+These tests run last (tests/conftest.py): they stop the session's one-node Ray and start their own."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+
+from cluster.cli import DEFAULT_CONFIG
+from cluster.config import load_config
+from cluster.control import CONTROL_NAME
+from cluster.job import train
+from cluster.launch import ACTOR_ENV
+from cluster.simulated import SimulatedCluster
+from learner.distributed import free_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.multinode]
+
+TINY = DEFAULT_CONFIG.parent / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    """A head (the driver and the job's helpers), two learner nodes, a generation node that also holds the
+    reference, and a reward node."""
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+    cluster = SimulatedCluster(head_cpus=2)
+    cluster.add("learner-a", 2, learner=1)
+    cluster.add("learner-b", 2, learner=1)
+    cluster.add("generation-a", 3, generation=2, reference=1)
+    cluster.add("reward-a", 1, reward=1)
+    ray.init(address=cluster.address, logging_level="warning", runtime_env={"env_vars": ACTOR_ENV})
+    yield cluster
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def config(out, *overrides):
+    return load_config(TINY, [f"train.output_dir={out}", f"reward.port={free_port()}", "train.eval_every=100",
+                              "train.role_resources=true", "generation.num_cpus=1", *overrides])
+
+
+def steps_done(out) -> int:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return max((json.loads(line)["step"] for line in path.read_text().splitlines()), default=0)
+
+
+def assert_every_prompt_once(summary):
+    assert summary["stream/prompts_trained_twice"] == 0
+    assert summary["stream/prompts_drawn"] == summary["stream/prompts_trained"] + summary["stream/prompts_pending"]
+
+
+def on_nodes(cluster, summary) -> dict[str, list[str]]:
+    """The summary's roles by node, with the simulated nodes' names."""
+    return {cluster.name_of(node): sorted(roles) for node, roles in summary["roles_by_node"].items()}
+
+
+def after_step(out, step, action):
+    """Run `action` in a thread once the job has finished `step`; returns a check that re-raises its error."""
+    errors = []
+
+    def run():
+        try:
+            deadline = time.time() + 300
+            while steps_done(out) < step:
+                if time.time() > deadline:
+                    raise TimeoutError(f"the job did not reach step {step}")
+                time.sleep(0.2)
+            action()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the check
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def check():
+        thread.join(timeout=60)
+        if errors:
+            raise errors[0]
+    return check
+
+
+def test_roles_are_placed_on_their_nodes_and_the_learner_group_spans_two(nodes, tmp_path):
+    summary = train(config(tmp_path, "train.steps=2", "ppo.num_learners=2", "ppo.num_cpus=1",
+                           "ppo.placement=spread"))
+    assert summary["steps"] == summary["policy_version"] == 2
+    assert on_nodes(nodes, summary) == {
+        "learner-a": ["learner"], "learner-b": ["learner-1"],
+        "generation-a": ["generation-worker-0", "generation-worker-1", "reference"], "reward-a": ["reward"],
+    } or on_nodes(nodes, summary) == {
+        "learner-a": ["learner-1"], "learner-b": ["learner"],
+        "generation-a": ["generation-worker-0", "generation-worker-1", "reference"], "reward-a": ["reward"],
+    }
+    assert_every_prompt_once(summary)
+
+
+def workers_on(placed: dict[str, list[str]]) -> dict[str, int]:
+    return {node: sum(role.startswith("generation-worker") for role in roles) for node, roles in placed.items()
+            if any(role.startswith("generation-worker") for role in roles)}
+
+
+def job_status() -> dict:
+    return ray.get(ray.get_actor(CONTROL_NAME).get_status.remote())
+
+
+def wait_for(condition, timeout=300.0):
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise TimeoutError("the job did not get there in time")
+        time.sleep(0.2)
+
+
+def test_a_lost_generation_node_costs_its_workers_until_they_are_back_on_another(nodes, tmp_path):
+    """The job runs until the lost workers are back (elsewhere) and have trained 2 more steps, then stops
+    (SIGTERM, as `ray job stop` sends)."""
+    nodes.add("generation-b", 2, generation=2)
+    killed = []
+
+    def kill_the_node_of_worker_0():
+        killed.append(nodes.name_of(ray.get(ray.get_actor("generation-worker-0").stats.remote())["node_id"]))
+        nodes.kill(killed[0])
+        wait_for(lambda: job_status()["recoveries_s"] and "syncing" not in job_status()["workers"].values())
+        at = steps_done(tmp_path)
+        wait_for(lambda: steps_done(tmp_path) >= at + 2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    check = after_step(tmp_path, 2, kill_the_node_of_worker_0)
+    summary = train(config(tmp_path, "train.steps=500", "train.max_staleness=1", "reference.placement=learner"))
+    check()
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == summary["policy_version"] > 4
+    assert summary["stream/worker_failures"] >= 1 and len(summary["worker_recovery_s"]) >= 1
+    placed = on_nodes(nodes, summary)
+    assert killed[0] not in placed and sum(workers_on(placed).values()) == 2
+    assert_every_prompt_once(summary)
