@@ -13,3 +13,15 @@ def on_this_node():
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def room_for(demand: dict[str, float]) -> tuple[bool, str]:
+    """Whether the cluster could place an actor that asks for `demand` now (some alive node offers it and
+    as much is free across the cluster), and a line saying what it offers."""
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    offering = sum(all(node["Resources"].get(k, 0) >= v for k, v in demand.items()) for node in alive)
+    free = ray.available_resources()
+    fits = offering > 0 and all(free.get(k, 0) >= v for k, v in demand.items())
+    wants = ", ".join(f"{k}: {v:g}" for k, v in demand.items())
+    has = ", ".join(f"{k}: {free.get(k, 0):g}" for k in demand)
+    return fits, f"it needs {{{wants}}}; {offering} of the {len(alive)} live nodes offer that, and free now is {{{has}}}"

@@ -22,6 +22,7 @@ import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
 from actors.generation import WeightsBehind
+from actors.nodes import room_for
 from actors.prompts import Prompt
 from actors.rollout import Rollout
 from actors.watchdog import Watchdog
@@ -33,6 +34,13 @@ log = logging.getLogger(__name__)
 RECOVER_TIMEOUT_S = 300.0
 # How often a worker that is being restarted is asked whether it is up.
 SYNC_RETRY_S = 1.0
+# A worker down this long is reported (what it waits for: a node with room), then every minute.
+DOWN_REPORT_S = 10.0
+
+
+class WorkersLost(RuntimeError):
+    """Every generation worker has been down for longer than the job's deadline (`train.hang_timeout_s`), and
+    the cluster has no room to bring them back: the job stops with a checkpoint."""
 
 
 def worker_name(index: int) -> str:
@@ -54,11 +62,12 @@ def autoscale_step(depth: int, batch: int, workers: int, fewest: int, most: int)
 class WorkerPool:
     def __init__(self, workers: list, spawn: Callable[[int], object] | None = None,
                  watchdog: Watchdog | None = None, autoscale_bounds: tuple[int, int] | None = None,
-                 fixed: bool = False):
+                 fixed: bool = False, demand: dict[str, float] | None = None):
         """`workers`: generation worker actor handles (worker i is named `worker_name(i)`); `spawn(i)` starts
         a replacement or an additional one; `autoscale_bounds`: (fewest, most) workers, or no autoscaling;
         `fixed`: the workers take their weights through a collective group that cannot take another one
-        (`ppo.weight_transfer=nccl`), so a worker that would need syncing on its own stops the job."""
+        (`ppo.weight_transfer=nccl`), so a worker that would need syncing on its own stops the job; `demand`: the
+        Ray resources one worker asks for (what a lost worker waits for, in the reports)."""
         self.workers: dict[int, object] = dict(enumerate(workers))
         self.versions = {i: 0 for i in self.workers}  # version of the last weights sent to each
         self.syncing: dict[int, int] = {}  # worker -> failed attempts so far; no prompts until it has synced
@@ -73,6 +82,8 @@ class WorkerPool:
         self.watchdog = watchdog or Watchdog(None)
         self.autoscale_bounds = autoscale_bounds
         self.fixed = fixed
+        self.demand = demand or {}
+        self.reported_at: dict[int, float] = {}  # down worker -> when it was last reported as waiting
         self.counters = {"worker_failures": 0, "workers_replaced": 0, "workers_added": 0, "workers_removed": 0,
                          "workers_resynced": 0}
         self.joined: dict[int, dict] = {}  # added worker -> policy version of its first rollouts and the current one
@@ -133,7 +144,8 @@ class WorkerPool:
         # The call that saw the death may say "died" while Ray restarts the actor, but calls to a restarting
         # actor say "unavailable": "died" twice while bringing it back means it is dead for good.
         self.syncing[i] = self.syncing.get(i, 0) + (1 if during_sync and isinstance(exc, ActorDiedError) else 0)
-        if self.syncing[i] >= 2 or now - self.down_since[i] > RECOVER_TIMEOUT_S:
+        # A replacement waits for a node with room just as a restart does: only worth it where there is room.
+        if self.syncing[i] >= 2 or (now - self.down_since[i] > RECOVER_TIMEOUT_S and room_for(self.demand)[0]):
             self._replace(i)
             self.syncing[i] = 0
         if not any(w == i for w, _ in self.loads.values()) and i not in self.retry_at:
@@ -165,13 +177,51 @@ class WorkerPool:
         return ref
 
     def poll(self) -> None:
-        """Ask restarting workers again whether they are up, where that is due."""
+        """Ask restarting workers again whether they are up, where that is due; report the ones that stay
+        down, and stop the job once none has been up for longer than its deadline."""
         now = time.perf_counter()
         for i, when in list(self.retry_at.items()):
             if now >= when:
                 del self.retry_at[i]
                 if i in self.workers:
                     self._sync(i)
+        due = [i for i in self.down_since if self._report_due(i, now)]
+        if due:
+            self._report_down(due, now)
+        deadline = self.watchdog.timeout_s
+        if deadline is not None and self.workers and len(self.down_since) == len(self.workers):
+            down_for = now - max(self.down_since.values())  # none has been up since the last went down
+            if down_for > deadline:
+                raise WorkersLost(f"no generation worker has been up for {down_for:.0f} s (train.hang_timeout_s = "
+                                  f"{deadline:g} s): {self._why_down()}. Add a node with room, or lower "
+                                  f"generation.num_cpus / num_gpus, then resume (train.resume=auto)")
+
+    def _report_due(self, i: int, now: float) -> bool:
+        """First DOWN_REPORT_S after the worker went down, then every 6 times that."""
+        last = self.reported_at.get(i)
+        return now - self.down_since[i] >= DOWN_REPORT_S if last is None else now - last >= 6 * DOWN_REPORT_S
+
+    def _why_down(self) -> str:
+        fits, offered = room_for(self.demand)
+        return "Ray is starting them again" if fits else f"no node has room for them ({offered})"
+
+    def _report_down(self, due: list[int], now: float) -> None:
+        """Say what the workers in `due` wait for, and what the job does meanwhile."""
+        for i in due:
+            self.reported_at[i] = now
+        up = len(self.workers) - len(self.down_since)
+        deadline = self.watchdog.timeout_s
+        if up:
+            goes_on = f"training goes on with {up} of {len(self.workers)} workers"
+        elif deadline is not None:
+            left = deadline - (now - max(self.down_since.values()))
+            goes_on = (f"no worker is up: the job waits {left:.0f} s more for room (train.hang_timeout_s), then "
+                       f"stops with a checkpoint")
+        else:
+            goes_on = "no worker is up: the job waits for room"
+        log.warning("generation workers %s down for %.0f s: %s; %s. They rejoin, with the current weights, as soon "
+                    "as a node has room (one you add, or the autoscaler's)", ", ".join(map(str, due)),
+                    now - min(self.down_since[i] for i in due), self._why_down(), goes_on)
 
     def _replace(self, i: int) -> None:
         if self.spawn is None:
@@ -222,6 +272,7 @@ class WorkerPool:
                 self._sync(i)
                 return
             del self.syncing[i]
+            self.reported_at.pop(i, None)
             if i in self.down_since:
                 took = time.perf_counter() - self.down_since.pop(i)
                 self.recoveries.append(took)
@@ -250,7 +301,7 @@ class WorkerPool:
         i = max(self.workers) if i is None else i
         ray.kill(self.workers.pop(i))
         self._forget_calls(i)
-        for state in (self.versions, self.syncing, self.down_since, self.retry_at):
+        for state in (self.versions, self.syncing, self.down_since, self.retry_at, self.reported_at):
             state.pop(i, None)
         self.counters["workers_removed"] += 1
         log.info("removed generation worker %d (%d workers)", i, len(self.workers))

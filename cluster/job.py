@@ -21,6 +21,7 @@ from actors.prompt_ledger import PromptLedger
 from actors.prompts import Prompt, load_prompts
 from actors.rollout_stream import RolloutStream
 from actors.watchdog import Hang, JobHung, Watchdog
+from actors.worker_pool import WorkersLost
 from cluster import checkpoint
 from cluster.config import ConfigError, RunConfig
 from cluster.control import ControlLink, start_control
@@ -147,6 +148,8 @@ def _attempt(job: Job, resume: Path | None, attempt: int) -> dict:
         raise LearnerLost(f"{type(exc).__name__} at step {loop.step + 1 if loop else 1}") from exc
     except Hang as exc:
         raise _report_hang(exc, job, roles, loop) from exc
+    except WorkersLost as exc:
+        raise JobHung(f"the job cannot go on: {exc}; {_last_checkpoint(job, roles, loop)}") from exc
     finally:
         ray.kill(link.actor)
         shutdown_roles(roles)
@@ -210,19 +213,30 @@ def _report_hang(hang: Hang, job: Job, roles: Roles, loop: Loop | None) -> JobHu
     stacks = "\n\n".join(f"=== {role} ===\n{actor_stack(role)}" for role in hang.roles)
     out.write_text(f"{hang}\n\n{stacks}\n")
     print(f"\nthe job is stuck: {hang}\n\n{stacks}", file=sys.stderr, flush=True)
-    saved = "no checkpoint: the learner is one of the stuck roles"
-    if "learner" not in hang.roles and loop is not None:
-        # A fresh deadline: the job's own watchdog still holds the stuck calls.
-        watchdog = Watchdog(cfg.train.hang_timeout_s)
+    if "learner" in hang.roles:
+        saved = "no checkpoint: the learner is one of the stuck roles"
+        if loop is not None:
+            loop.logger.abandon()
+    else:
+        saved = _last_checkpoint(job, roles, loop)
+    return JobHung(f"the job is stuck: {hang}. Their Python stacks are in {out}; {saved}")
+
+
+def _last_checkpoint(job: Job, roles: Roles, loop: Loop | None) -> str:
+    """A checkpoint of the policy where the learner still answers, for a job that cannot go on; says which
+    (or why none) for the job's last message."""
+    saved = "no checkpoint: the job stopped before its first step"
+    if loop is not None:
+        # A fresh deadline: the job's own watchdog may still hold stuck calls.
+        watchdog = Watchdog(job.cfg.train.hang_timeout_s)
         try:
             version = watchdog.get(roles.learner.get_version(), "learner", "get_version")
             path = loop.save_checkpoint(version, watchdog)
             saved = f"checkpoint of policy version {version} in {path} (train.resume=auto continues from it)"
         except (Hang, RayActorError) as exc:
             saved = f"no checkpoint: the learner did not answer ({type(exc).__name__})"
-    if loop is not None:
         loop.logger.abandon()
-    return JobHung(f"the job is stuck: {hang}. Their Python stacks are in {out}; {saved}")
+    return saved
 
 
 def _finish(job: Job, loop: Loop, roles: Roles, restarts: int) -> dict:

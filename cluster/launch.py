@@ -148,8 +148,10 @@ def launch_pool(cfg, model_path: str, watchdog: Watchdog | None = None) -> Worke
     workers = [launch_worker(cfg, model_path, i) for i in range(gen.num_workers)]
     ray.get([w.stats.remote() for w in workers])
     bounds = (gen.autoscale_min_workers, gen.autoscale_max_workers) if gen.autoscale_max_workers else None
+    demand = {k: v for k, v in {"CPU": gen.num_cpus, "GPU": gen.num_gpus, **role_resources(cfg, "generation")}.items()
+              if v > 0}
     return WorkerPool(workers, spawn=lambda i: launch_worker(cfg, model_path, i), watchdog=watchdog,
-                      autoscale_bounds=bounds, fixed=cfg.ppo.weight_transfer == "nccl")
+                      autoscale_bounds=bounds, fixed=cfg.ppo.weight_transfer == "nccl", demand=demand)
 
 
 def launch_worker(cfg, model_path: str, index: int, wait_s: float = 30.0):
@@ -175,21 +177,31 @@ def launch_worker(cfg, model_path: str, index: int, wait_s: float = 30.0):
 def roles_by_node(roles: Roles, timeout_s: float = 30.0) -> dict[str, list[str]]:
     """Which roles run on which Ray node: node id -> role names (a role that does not answer within
     `timeout_s`, e.g. one whose node was just lost, is left out)."""
-    from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-    asks = {worker_name(i): w.stats.remote() for i, w in roles.pool.workers.items()}
-    asks.update({"learner" if i == 0 else f"learner-{i}": rank.node_id.remote()
+    asks = {worker_name(i): lambda w=w: w.stats.remote() for i, w in roles.pool.workers.items()}
+    asks.update({"learner" if i == 0 else f"learner-{i}": rank.node_id.remote
                  for i, rank in enumerate(roles.learner.ranks)})
     if roles.reference is not roles.learner:
-        asks["reference"] = roles.reference.node_id.remote()
+        asks["reference"] = roles.reference.node_id.remote
     placed: dict[str, list[str]] = {}
     deadline = time.monotonic() + timeout_s
-    for role, ref in asks.items():
-        try:
-            answer = ray.get(ref, timeout=max(deadline - time.monotonic(), 0.1))
-        except (RayActorError, GetTimeoutError):
-            continue
-        placed.setdefault(answer["node_id"] if isinstance(answer, dict) else answer, []).append(role)
+    for role, ask in asks.items():
+        while True:
+            try:
+                answer = ray.get(ask(), timeout=max(deadline - time.monotonic(), 0.1))
+                break
+            except ActorUnavailableError:  # restarting, or its connection not yet re-established: ask again
+                if time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                answer = None
+            except (RayActorError, GetTimeoutError) as exc:
+                log.warning("%s did not say where it runs (%s)", role, type(exc).__name__)
+                answer = None
+            break
+        if answer is not None:
+            placed.setdefault(answer["node_id"] if isinstance(answer, dict) else answer, []).append(role)
     try:
         placed.setdefault(roles.reward.node_id.remote().result(timeout_s=max(deadline - time.monotonic(), 0.1)),
                           []).append("reward")

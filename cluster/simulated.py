@@ -6,7 +6,11 @@ preempted machine goes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,15 @@ class SimulatedCluster:
             "num_cpus": head_cpus, "include_dashboard": False, "object_store_memory": self.object_store_bytes,
             "_system_config": FAST_NODE_DEATH})
         self.nodes = {"head": self.cluster.head_node}
+        # Nodes added from other threads (a fault schedule beside a job) start from this one thread, which
+        # lives as long as the cluster: Ray ties a node's processes to the life of the thread that started
+        # them (PR_SET_PDEATHSIG), so a node started from a short-lived thread would die with it.
+        self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simulated-node-starter")
+
+    def _start_node(self, num_cpus: float, resources: dict):
+        with _without_sigterm_hook_off_the_main_thread():
+            return self.cluster.add_node(num_cpus=num_cpus, resources=resources,
+                                         object_store_memory=self.object_store_bytes)
 
     @property
     def address(self) -> str:
@@ -37,8 +50,10 @@ class SimulatedCluster:
         """Start node `name` offering `num_cpus` CPUs and `resources` (e.g. generation=2); returns its node id."""
         if name in self.nodes:
             raise ValueError(f"a node named {name!r} is already up")
-        node = self.cluster.add_node(num_cpus=num_cpus, resources=resources,
-                                     object_store_memory=self.object_store_bytes)
+        if threading.current_thread() is threading.main_thread():
+            node = self._start_node(num_cpus, resources)
+        else:
+            node = self._starter.submit(self._start_node, num_cpus, resources).result()
         self.cluster.wait_for_nodes()
         self.nodes[name] = node
         log.info("node %s (%s) up: %s CPUs, %s", name, node.node_id[:8], num_cpus, resources)
@@ -60,3 +75,13 @@ class SimulatedCluster:
 
     def shutdown(self) -> None:
         self.cluster.shutdown()
+        self._starter.shutdown()
+
+
+def _without_sigterm_hook_off_the_main_thread():
+    """Ray's node object installs a SIGTERM handler when it starts, which Python allows on the main thread
+    only; a node added from another thread (a fault schedule running beside a job) goes without it: the
+    process's own handler (the job's graceful stop) stays, and the node is killed by `kill` or at exit."""
+    if threading.current_thread() is threading.main_thread():
+        return contextlib.nullcontext()
+    return mock.patch("ray._private.utils.set_sigterm_handler", lambda handler: None)

@@ -70,7 +70,8 @@ def on_nodes(cluster, summary) -> dict[str, list[str]]:
 
 
 def after_step(out, step, action):
-    """Run `action` in a thread once the job has finished `step`; returns a check that re-raises its error."""
+    """Run `action` in a thread once the job has finished `step`; returns a check that re-raises its error
+    (an error also stops the job, as `ray job stop` does)."""
     errors = []
 
     def run():
@@ -83,6 +84,7 @@ def after_step(out, step, action):
             action()
         except BaseException as exc:  # noqa: BLE001 - re-raised by the check
             errors.append(exc)
+            os.kill(os.getpid(), signal.SIGTERM)  # stop the job, which would otherwise run its 500 steps
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -147,3 +149,57 @@ def test_a_lost_generation_node_costs_its_workers_until_they_are_back_on_another
     placed = on_nodes(nodes, summary)
     assert killed[0] not in placed and sum(workers_on(placed).values()) == 2
     assert_every_prompt_once(summary)
+
+
+def generation_nodes(nodes, **cpus_and_units):
+    """Replace every generation node with the ones named: name=(CPUs, generation units)."""
+    for name in [n for n in nodes.nodes if n.startswith("generation-")]:
+        nodes.kill(name)
+    for name, (cpus, units) in cpus_and_units.items():
+        nodes.add(name, cpus, generation=units)
+
+
+def reported(caplog, text) -> bool:
+    return any(text in record.getMessage() for record in caplog.records)
+
+
+def test_workers_with_no_room_are_reported_the_job_trains_on_and_waits_for_a_node(nodes, tmp_path, caplog):
+    """Two one-worker nodes: one lost (training goes on with the other), then the other (the job waits,
+    saying so), then a node with room for both joins (both come back)."""
+    generation_nodes(nodes, **{"generation-c": (1, 1), "generation-d": (1, 1)})
+    caplog.set_level("WARNING", logger="actors.worker_pool")
+
+    def lose_both_nodes_then_add_one():
+        nodes.kill(nodes.name_of(ray.get(ray.get_actor("generation-worker-0").stats.remote())["node_id"]))
+        wait_for(lambda: reported(caplog, "training goes on with 1 of 2 workers"), timeout=60)
+        assert "no node has room for them" in caplog.text
+        at = steps_done(tmp_path)
+        wait_for(lambda: steps_done(tmp_path) >= at + 2)  # on one worker
+        nodes.kill(next(n for n in nodes.nodes if n.startswith("generation-")))
+        wait_for(lambda: reported(caplog, "no worker is up: the job waits"), timeout=60)
+        nodes.add("generation-e", 2, generation=2)
+        wait_for(lambda: len(job_status()["recoveries_s"]) == 2 and "syncing" not in job_status()["workers"].values())
+        at = steps_done(tmp_path)
+        wait_for(lambda: steps_done(tmp_path) >= at + 2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    check = after_step(tmp_path, 2, lose_both_nodes_then_add_one)
+    summary = train(config(tmp_path, "train.steps=500", "train.max_staleness=1", "reference.placement=learner"))
+    check()
+    assert summary["stopped_by"] == "SIGTERM" and summary["stream/workers"] == 2
+    assert workers_on(on_nodes(nodes, summary)) == {"generation-e": 2}
+    assert_every_prompt_once(summary)
+
+
+def test_a_job_whose_workers_find_no_room_before_the_deadline_stops_with_a_checkpoint(nodes, tmp_path):
+    from actors.watchdog import JobHung
+    from cluster.checkpoint import complete_checkpoints
+
+    generation_nodes(nodes, **{"generation-f": (2, 2)})
+    check = after_step(tmp_path, 2, lambda: nodes.kill("generation-f"))
+    with pytest.raises(JobHung, match=r"cannot go on: no generation worker has been up for \d+ s \(train.hang_timeout_s"
+                                      r" = 20 s\): no node has room .*checkpoint of policy version \d+ in "):
+        train(config(tmp_path, "train.steps=500", "train.max_staleness=1", "reference.placement=learner",
+                     "train.hang_timeout_s=20", "train.checkpoint_every=1000"))
+    check()
+    assert complete_checkpoints(str(tmp_path))
