@@ -25,3 +25,9 @@ def room_for(demand: dict[str, float]) -> tuple[bool, str]:
     wants = ", ".join(f"{k}: {v:g}" for k, v in demand.items())
     has = ", ".join(f"{k}: {free.get(k, 0):g}" for k in demand)
     return fits, f"it needs {{{wants}}}; {offering} of the {len(alive)} live nodes offer that, and free now is {{{has}}}"
+
+
+def lost(node_ids) -> list[str]:
+    """Those of `node_ids` that Ray no longer counts alive."""
+    alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    return [node for node in node_ids if node not in alive]

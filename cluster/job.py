@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from actors.nodes import lost
 from actors.prompt_ledger import PromptLedger
 from actors.prompts import Prompt, load_prompts
 from actors.rollout_stream import RolloutStream
@@ -127,9 +128,9 @@ def _attempt(job: Job, resume: Path | None, attempt: int) -> dict:
     roles = launch_roles(cfg, job.model_path, watchdog, ptx=job.ptx)
     link = ControlLink(start_control(), status=lambda: stream.status(), workers=lambda: len(roles.pool.workers),
                        scale_to=roles.pool.scale_to)
-    loop = None
+    loop, placed = None, roles_by_node(roles)
     try:
-        log.info("roles by node:\n%s", describe_nodes(roles_by_node(roles)))
+        log.info("roles by node:\n%s", describe_nodes(placed))
         gen = cfg.generation
         stream = RolloutStream(roles.pool, PromptLedger(job.train_prompts, cfg.data.seed),
                                None if cfg.reference_in_learner else roles.reference,
@@ -140,12 +141,15 @@ def _attempt(job: Job, resume: Path | None, attempt: int) -> dict:
         loop = _start_loop(job, roles, stream, resume)
         run_steps(loop, loop.step + 1)
         return _finish(job, loop, roles, attempt)
-    except RayActorError as exc:
+    except (RayActorError, RayTaskError) as exc:
+        # A rank lost with its node can surface first as its peers' collective error (gloo: connection reset).
         if _alive(roles.learner):
             raise
         if loop is not None:
             loop.logger.abandon()
-        raise LearnerLost(f"{type(exc).__name__} at step {loop.step + 1 if loop else 1}") from exc
+        gone = {node: names for node, names in placed.items() if node in lost(placed)}
+        where = f"; lost with its node:\n{describe_nodes(gone)}" if gone else ""
+        raise LearnerLost(f"{type(exc).__name__} at step {loop.step + 1 if loop else 1}{where}") from exc
     except Hang as exc:
         raise _report_hang(exc, job, roles, loop) from exc
     except WorkersLost as exc:

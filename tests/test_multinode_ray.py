@@ -203,3 +203,66 @@ def test_a_job_whose_workers_find_no_room_before_the_deadline_stops_with_a_check
                      "train.hang_timeout_s=20", "train.checkpoint_every=1000"))
     check()
     assert complete_checkpoints(str(tmp_path))
+
+
+def run_until_back(tmp_path, lose, back, steps_after=2):
+    """A chaos script for a long job: after step 2, `lose()` a node; once `back()`, let the job train
+    `steps_after` more steps, then stop it (SIGTERM, as `ray job stop` sends)."""
+    def script():
+        lose()
+        wait_for(back)
+        at = steps_done(tmp_path)
+        wait_for(lambda: steps_done(tmp_path) >= at + steps_after)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return after_step(tmp_path, 2, script)
+
+
+def test_a_lost_reward_node_brings_the_reward_replica_back_on_another(nodes, tmp_path):
+    from ray import serve
+
+    from reward_server.server import APP_NAME
+
+    generation_nodes(nodes, **{"generation-g": (2, 2)})
+    nodes.add("reward-b", 1, reward=1)
+    reward_node = lambda: serve.get_app_handle(APP_NAME).node_id.remote().result(timeout_s=5)  # noqa: E731
+    killed = []
+
+    def lose():
+        killed.append(nodes.name_of(reward_node()))
+        nodes.kill(killed[0])
+
+    def back():
+        try:
+            return nodes.name_of(reward_node()) != killed[0]
+        except Exception:  # noqa: BLE001 - Serve's errors while the replica is replaced
+            return False
+
+    check = run_until_back(tmp_path, lose, back)
+    summary = train(config(tmp_path, "train.steps=500", "reference.placement=learner", "reward.timeout_s=5",
+                           "reward.retry_interval_s=0.5"))
+    check()
+    assert summary["stopped_by"] == "SIGTERM"
+    placed = on_nodes(nodes, summary)
+    assert killed[0] not in placed and [n for n, roles in placed.items() if "reward" in roles] == [
+        {"reward-a": "reward-b", "reward-b": "reward-a"}[killed[0]]]
+    assert_every_prompt_once(summary)
+
+
+def test_a_lost_learner_node_rebuilds_the_group_from_the_last_checkpoint(nodes, tmp_path):
+    generation_nodes(nodes, **{"generation-h": (2, 2)})
+    nodes.add("learner-c", 2, learner=1)
+    killed = []
+
+    def lose():
+        killed.append(nodes.name_of(ray.get(ray.get_actor("learner-1").node_id.remote())))
+        nodes.kill(killed[0])
+
+    check = after_step(tmp_path, 2, lose)
+    summary = train(config(tmp_path, "train.steps=5", "train.checkpoint_every=1", "ppo.num_learners=2",
+                           "ppo.num_cpus=1", "ppo.placement=spread", "reference.placement=learner"))
+    check()
+    assert summary["steps"] == summary["policy_version"] == 5 and summary["learner_restarts"] == 1
+    placed = on_nodes(nodes, summary)
+    assert killed[0] not in placed
+    assert sorted(r for roles in placed.values() for r in roles if r.startswith("learner")) == ["learner", "learner-1"]
+    assert_every_prompt_once(summary)
