@@ -66,6 +66,7 @@ def start_ray(train_cfg) -> None:
 def launch_roles(cfg, model_path: str, watchdog: Watchdog, ptx: list | None = None) -> Roles:
     """Every role of a PPO job; `ptx`: the learner's PPO-ptx demonstrations, encoded."""
     gen, ref, ppo = cfg.generation, cfg.reference, cfg.ppo
+    _check_role_resources(cfg)
     pool = launch_pool(cfg, model_path, watchdog)
     learner = launch_learners(cfg, model_path, ptx)
     if cfg.reference_in_learner:  # LoRA's base with adapters off, or a frozen copy, in the learner's process
@@ -84,6 +85,20 @@ def launch_roles(cfg, model_path: str, watchdog: Watchdog, ptx: list | None = No
     if ppo.weight_transfer == "nccl":
         ray.get(learner.open_weight_transfer(list(pool.workers.values())))
     return Roles(pool=pool, reference=reference, learner=learner, reward=reward)
+
+
+def _check_role_resources(cfg) -> None:
+    """With `train.role_resources`, refuse a role whose resource no node offers (Ray would wait for it
+    forever), naming it."""
+    if not cfg.train.role_resources:
+        return
+    roles = [r for r in ROLE_RESOURCES if r != "reference" or not cfg.reference_in_learner]
+    missing = [r for r in roles if ray.cluster_resources().get(r, 0) < 1]
+    if missing:
+        raise RuntimeError(f"train.role_resources = true, but no node offers the resource{'s' * (len(missing) > 1)} "
+                           f"{', '.join(missing)}: declare {'them' if len(missing) > 1 else 'it'} on the nodes meant "
+                           f"for those roles (e.g. ray start --resources '{{\"{missing[0]}\": 1}}'; cluster/deploy/ "
+                           f"has each node type), or run without train.role_resources")
 
 
 # How long the learner ranks' placement group may take to be placed once the cluster has the resources.

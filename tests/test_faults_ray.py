@@ -24,6 +24,7 @@ from reward_server.client import RewardClient, RewardServerUnavailable
 from reward_server.scorers import VaderScorer
 from reward_server.server import APP_NAME, start_reward_server
 from learner.distributed import free_port
+from tests.job_runs import assert_every_prompt_once, records, steps_done, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -33,21 +34,6 @@ TINY = DEFAULT_CONFIG.parent / "tiny.yaml"
 def config(out, *overrides):
     return load_config(TINY, [f"train.output_dir={out}", f"reward.port={free_port()}", "train.eval_every=100",
                               *overrides])
-
-
-def steps_done(out) -> int:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return max((json.loads(line)["step"] for line in path.read_text().splitlines()), default=0)
-
-
-def wait_for(condition, timeout=300.0):
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            raise TimeoutError("the job did not get there in time")
-        time.sleep(0.2)
 
 
 class Chaos(threading.Thread):
@@ -67,15 +53,6 @@ class Chaos(threading.Thread):
         self.join(timeout=60)
         if self.error:
             raise self.error
-
-
-def records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_every_prompt_once(summary):
-    assert summary["stream/prompts_trained_twice"] == 0
-    assert summary["stream/prompts_drawn"] == summary["stream/prompts_trained"] + summary["stream/prompts_pending"]
 
 
 def test_killed_added_and_removed_workers_lose_no_prompt(ray_session, tmp_path):
@@ -255,3 +232,9 @@ def test_a_lost_control_actor_is_replaced_and_scaling_requests_reach_the_job_aga
     wait_for(lambda: link.poll() or scaled == [3], timeout=30)
     assert ray.get(ray.get_actor(CONTROL_NAME).get_status.remote()) == {"step": 1}
     ray.kill(link.actor)
+
+
+def test_a_role_whose_resource_no_node_offers_fails_at_start_naming_it(ray_session, tmp_path):
+    with pytest.raises(RuntimeError, match=r"train.role_resources = true, but no node offers the resources "
+                                           r"generation, learner, reward: declare them"):
+        train(config(tmp_path, "train.role_resources=true", "reference.placement=learner"))

@@ -4,7 +4,6 @@ group's ranks on two nodes, and whole nodes killed mid-run as a preempted machin
 
 These tests run last (tests/conftest.py): they stop the session's one-node Ray and start their own."""
 
-import json
 import os
 import signal
 import threading
@@ -20,6 +19,7 @@ from cluster.job import train
 from cluster.launch import ACTOR_ENV
 from cluster.simulated import SimulatedCluster
 from learner.distributed import free_port
+from tests.job_runs import assert_every_prompt_once, steps_done, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.multinode]
 
@@ -50,18 +50,6 @@ def nodes():
 def config(out, *overrides):
     return load_config(TINY, [f"train.output_dir={out}", f"reward.port={free_port()}", "train.eval_every=100",
                               "train.role_resources=true", "generation.num_cpus=1", *overrides])
-
-
-def steps_done(out) -> int:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return max((json.loads(line)["step"] for line in path.read_text().splitlines()), default=0)
-
-
-def assert_every_prompt_once(summary):
-    assert summary["stream/prompts_trained_twice"] == 0
-    assert summary["stream/prompts_drawn"] == summary["stream/prompts_trained"] + summary["stream/prompts_pending"]
 
 
 def on_nodes(cluster, summary) -> dict[str, list[str]]:
@@ -119,29 +107,28 @@ def job_status() -> dict:
     return ray.get(ray.get_actor(CONTROL_NAME).get_status.remote())
 
 
-def wait_for(condition, timeout=300.0):
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            raise TimeoutError("the job did not get there in time")
-        time.sleep(0.2)
+def run_until_back(tmp_path, lose, back, steps_after=2):
+    """A chaos script for a long job: after step 2, `lose()` a node; once `back()`, let the job train
+    `steps_after` more steps, then stop it (SIGTERM, as `ray job stop` sends)."""
+    def script():
+        lose()
+        wait_for(back)
+        at = steps_done(tmp_path)
+        wait_for(lambda: steps_done(tmp_path) >= at + steps_after)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return after_step(tmp_path, 2, script)
 
 
 def test_a_lost_generation_node_costs_its_workers_until_they_are_back_on_another(nodes, tmp_path):
-    """The job runs until the lost workers are back (elsewhere) and have trained 2 more steps, then stops
-    (SIGTERM, as `ray job stop` sends)."""
     nodes.add("generation-b", 2, generation=2)
     killed = []
 
     def kill_the_node_of_worker_0():
         killed.append(nodes.name_of(ray.get(ray.get_actor("generation-worker-0").stats.remote())["node_id"]))
         nodes.kill(killed[0])
-        wait_for(lambda: job_status()["recoveries_s"] and "syncing" not in job_status()["workers"].values())
-        at = steps_done(tmp_path)
-        wait_for(lambda: steps_done(tmp_path) >= at + 2)
-        os.kill(os.getpid(), signal.SIGTERM)
 
-    check = after_step(tmp_path, 2, kill_the_node_of_worker_0)
+    check = run_until_back(tmp_path, kill_the_node_of_worker_0, lambda: job_status()["recoveries_s"] and "syncing"
+                           not in job_status()["workers"].values())
     summary = train(config(tmp_path, "train.steps=500", "train.max_staleness=1", "reference.placement=learner"))
     check()
     assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == summary["policy_version"] > 4
@@ -203,18 +190,6 @@ def test_a_job_whose_workers_find_no_room_before_the_deadline_stops_with_a_check
                      "train.hang_timeout_s=20", "train.checkpoint_every=1000"))
     check()
     assert complete_checkpoints(str(tmp_path))
-
-
-def run_until_back(tmp_path, lose, back, steps_after=2):
-    """A chaos script for a long job: after step 2, `lose()` a node; once `back()`, let the job train
-    `steps_after` more steps, then stop it (SIGTERM, as `ray job stop` sends)."""
-    def script():
-        lose()
-        wait_for(back)
-        at = steps_done(tmp_path)
-        wait_for(lambda: steps_done(tmp_path) >= at + steps_after)
-        os.kill(os.getpid(), signal.SIGTERM)
-    return after_step(tmp_path, 2, script)
 
 
 def test_a_lost_reward_node_brings_the_reward_replica_back_on_another(nodes, tmp_path):
