@@ -226,6 +226,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from actors.watchdog import JobHung
+    from cluster.launch import CannotPlace
 
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -237,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobHung as exc:
         print(f"rlhf: {exc}", file=sys.stderr)
         return EXIT_HUNG
+    except CannotPlace as exc:
+        print(f"rlhf: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -34,6 +34,11 @@ ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "TOKE
 ROLE_RESOURCES = ("generation", "learner", "reference", "reward")
 
 
+class CannotPlace(RuntimeError):
+    """A role the cluster cannot hold: the message says what is missing and what to change (`rlhf` prints
+    it and exits with status 1)."""
+
+
 def role_resources(cfg, role: str) -> dict:
     return {role: 1} if cfg.train.role_resources else {}
 
@@ -95,7 +100,7 @@ def _check_role_resources(cfg) -> None:
     roles = [r for r in ROLE_RESOURCES if r != "reference" or not cfg.reference_in_learner]
     missing = [r for r in roles if ray.cluster_resources().get(r, 0) < 1]
     if missing:
-        raise RuntimeError(f"train.role_resources = true, but no node offers the resource{'s' * (len(missing) > 1)} "
+        raise CannotPlace(f"train.role_resources = true, but no node offers the resource{'s' * (len(missing) > 1)} "
                            f"{', '.join(missing)}: declare {'them' if len(missing) > 1 else 'it'} on the nodes meant "
                            f"for those roles (e.g. ray start --resources '{{\"{missing[0]}\": 1}}'; cluster/deploy/ "
                            f"has each node type), or run without train.role_resources")
@@ -121,7 +126,7 @@ def launch_learners(cfg, model_path: str, ptx: list | None = None) -> LearnerGro
         ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
         ray.util.remove_placement_group(group)
-        raise RuntimeError(f"the {ppo.num_learners} learner ranks ({bundle} each, {ppo.placement}) were not placed "
+        raise CannotPlace(f"the {ppo.num_learners} learner ranks ({bundle} each, {ppo.placement}) were not placed "
                            f"within {PLACEMENT_TIMEOUT_S:.0f} s: other roles hold the resources they need (free now: "
                            f"{ray.available_resources()}); lower ppo.num_learners or ppo.num_cpus/num_gpus") from None
     in_bundle = [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
@@ -143,7 +148,7 @@ def _check_cluster_holds(bundle: dict, count: int) -> None:
     short = {k: f"{count} x {v:g} = {count * v:g} needed, the cluster has {total.get(k, 0):g}"
              for k, v in bundle.items() if count * v > total.get(k, 0) + 1e-9}
     if short:
-        raise RuntimeError(f"ppo.num_learners = {count} learner ranks cannot be placed: "
+        raise CannotPlace(f"ppo.num_learners = {count} learner ranks cannot be placed: "
                            + "; ".join(f"{k}: {why}" for k, why in short.items())
                            + ". Lower ppo.num_learners or ppo.num_cpus/num_gpus, or add nodes")
 

@@ -234,7 +234,9 @@ def test_a_lost_control_actor_is_replaced_and_scaling_requests_reach_the_job_aga
     ray.kill(link.actor)
 
 
-def test_a_role_whose_resource_no_node_offers_fails_at_start_naming_it(ray_session, tmp_path):
-    with pytest.raises(RuntimeError, match=r"train.role_resources = true, but no node offers the resources "
-                                           r"generation, learner, reward: declare them"):
-        train(config(tmp_path, "train.role_resources=true", "reference.placement=learner"))
+def test_a_role_whose_resource_no_node_offers_fails_at_start_naming_it(ray_session, tmp_path, capsys):
+    status = main(["train", "--config", str(TINY), f"train.output_dir={tmp_path}", f"reward.port={free_port()}",
+                   "train.role_resources=true", "reference.placement=learner"])
+    assert status == 1
+    assert re.search(r"^rlhf: train.role_resources = true, but no node offers the resources generation, learner, "
+                     r"reward: declare them", capsys.readouterr().err, re.M)
