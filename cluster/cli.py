@@ -8,6 +8,7 @@ running job, model preparation and the config reference.
     rlhf west-of-n ...                                       West-of-N self-training rounds
     rlhf best-of-n --n 16 [--prompt TEXT ...] ...            Best-of-N sampling under reward.scorer
     rlhf rm-report ...                                       the reward-modeling comparison table
+    rlhf chaos [--fault STEP:KIND[:S] ...] [--simulate] ...  the job under a fault schedule, with a report
     rlhf scale --workers N [--namespace NS] [--address A]   add or remove generation workers of a running job
     rlhf status [--namespace NS] [--address A]               a running job's workers, version and counters
     rlhf prepare-model [NAME ...]                            convert the embedded model(s) now
@@ -20,6 +21,7 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from actors.demonstrations import DemonstrationError
@@ -31,6 +33,29 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
 # Exit status of a job that stopped because some of its roles stopped answering (cluster/job.py).
 EXIT_HUNG = 3
+
+
+@contextmanager
+def staged_output(cfg, section: str):
+    """`cfg` with `<section>.output_dir` local: where it is a storage URI, the command writes into a local
+    staging directory uploaded when it ends (cluster/storage.py); `rm.output_dir`, which West-of-N starts
+    from, is downloaded first where it is a URI."""
+    from cluster import storage
+    from cluster.config import replace_section
+
+    target = getattr(cfg, section).output_dir
+    if section == "west_of_n" and storage.is_uri(cfg.rm.output_dir):
+        with storage.fetched(cfg.rm.output_dir, tuple(storage.Location(cfg.rm.output_dir).names())) as base:
+            with staged_output(replace_section(cfg, "rm", output_dir=str(base)), section) as staged_cfg:
+                yield staged_cfg
+        return
+    if not storage.is_uri(target):
+        yield cfg
+        return
+    storage.check_writable(target, f"{section}.output_dir")
+    with storage.staged(target) as local:
+        yield replace_section(cfg, section, output_dir=str(local))
+    print(f"uploaded {section}.output_dir to {target}")
 
 
 def train(args) -> None:
@@ -60,37 +85,43 @@ def make_demos(args) -> None:
 def sft(args) -> None:
     from cluster.pipeline import sft_command
 
-    sft_command(load_config(args.config, args.overrides))
+    with staged_output(load_config(args.config, args.overrides), "sft") as cfg:
+        sft_command(cfg)
 
 
 def dpo(args) -> None:
     from cluster.pipeline import dpo_command
 
-    dpo_command(load_config(args.config, args.overrides))
+    with staged_output(load_config(args.config, args.overrides), "dpo") as cfg:
+        dpo_command(cfg)
 
 
 def elo(args) -> None:
     from cluster.pipeline import elo_command
 
-    elo_command(load_config(args.config, args.overrides), args.run, args.player)
+    with staged_output(load_config(args.config, args.overrides), "elo") as cfg:
+        elo_command(cfg, args.run, args.player)
 
 
 def online_rlhf(args) -> None:
     from cluster.online_rlhf import online_rlhf_command
 
-    online_rlhf_command(load_config(args.config, args.overrides))
+    with staged_output(load_config(args.config, args.overrides), "online") as cfg:
+        online_rlhf_command(cfg)
 
 
 def train_rm(args) -> None:
     from cluster.reward_modeling import train_rm_command
 
-    train_rm_command(load_config(args.config, args.overrides))
+    with staged_output(load_config(args.config, args.overrides), "rm") as cfg:
+        train_rm_command(cfg)
 
 
 def west_of_n(args) -> None:
     from cluster.reward_modeling import west_of_n_command
 
-    west_of_n_command(load_config(args.config, args.overrides))
+    with staged_output(load_config(args.config, args.overrides), "west_of_n") as cfg:
+        west_of_n_command(cfg)
 
 
 def best_of_n(args) -> None:
@@ -103,6 +134,12 @@ def rm_report(args) -> None:
     from cluster.rm_report import report
 
     report(load_config(args.config, args.overrides), args.pairs, args.eval_pairs, args.out)
+
+
+def chaos(args) -> None:
+    from cluster.chaos import chaos
+
+    chaos(load_config(args.config, args.overrides), args.fault, args.simulate)
 
 
 def scale(args) -> None:
@@ -201,6 +238,13 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--eval-pairs", type=int, default=256, help="held-out gold-labelled pairs (%(default)s)")
     report.add_argument("--out", default="runs/rm_report", help="where models and results go (%(default)s)")
     report.set_defaults(func=rm_report)
+    ch = sub.add_parser("chaos", parents=[run], help="run the job under a fault schedule (killed workers, nodes, the "
+                        "learner; hung workers, a stopped reward server) and report what each fault cost")
+    ch.add_argument("--fault", action="append", default=[], help="STEP:KIND[:SECONDS], repeatable (default: "
+                    "2:kill-worker 4:hang-worker:20 6:stop-reward:15 8:kill-learner 10:kill-node)")
+    ch.add_argument("--simulate", action="store_true", help="on a simulated cluster of seven nodes on this machine "
+                    "(cluster/simulated.py) instead of RAY_ADDRESS's")
+    ch.set_defaults(func=chaos)
     sc = sub.add_parser("scale", parents=[job], help="add or remove generation workers of a running job")
     sc.add_argument("--workers", type=int, required=True, help="generation workers the job should have")
     sc.set_defaults(func=scale)

@@ -210,7 +210,8 @@ class TrainConfig:
                               "policy's perplexity on their replies (the alignment tax of RL; PPO-ptx)")
     gold_scorer: str = opt("vader", "scorer of the held-out evaluation (same forms as reward.scorer)")
     sample_table_every: int = opt(10, "log a W&B table of sample generations every k steps", ge=1)
-    output_dir: str = opt("runs/default", "where metrics, the checkpoint and the W&B run go")
+    output_dir: str = opt("runs/default", "where metrics, the checkpoints and the W&B run go: a path, or a storage "
+                                          "URI (s3://bucket/prefix, gs://...) staged locally and uploaded")
     wandb_mode: str = opt("offline", "W&B mode", choices=("offline", "online", "disabled"))
     wandb_project: str = opt("rlhf-ray", "W&B project")
     ray_address: str = opt("", "Ray cluster address; empty = start (or join) a local one")

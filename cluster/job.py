@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -23,7 +22,7 @@ from actors.prompts import Prompt, load_prompts
 from actors.rollout_stream import RolloutStream
 from actors.watchdog import Hang, JobHung, Watchdog
 from actors.worker_pool import WorkersLost
-from cluster import checkpoint
+from cluster import checkpoint, storage
 from cluster.config import ConfigError, RunConfig
 from cluster.control import ControlLink, start_control
 from cluster.launch import Roles, describe_nodes, launch_roles, roles_by_node, shutdown_roles, start_ray
@@ -100,10 +99,11 @@ def train(cfg: RunConfig) -> dict:
              cfg.data.path)
     ptx = encoded_demonstrations(cfg.ppo.ptx_path, cfg.sft, tokenizer) if cfg.ppo.ptx_coef > 0 else []
     eval_demos = encoded_demonstrations(cfg.train.eval_demos, cfg.sft, tokenizer) if cfg.train.eval_demos else []
+    storage.check_writable(cfg.train.output_dir, "train.output_dir")
     resume = checkpoint.resume_from(cfg.train.resume, cfg.train.output_dir)
     start_ray(cfg.train)
     job = Job(cfg, model_path, train_prompts, eval_prompts, ptx, eval_demos, started, memory,
-              JobMetrics(Path(cfg.train.output_dir).name), GracefulStop())
+              JobMetrics(storage.basename(cfg.train.output_dir)), GracefulStop())
     try:
         for attempt in range(cfg.train.max_learner_restarts + 1):
             try:
@@ -121,7 +121,7 @@ def train(cfg: RunConfig) -> dict:
         job.gauges.close()
 
 
-def _attempt(job: Job, resume: Path | None, attempt: int) -> dict:
+def _attempt(job: Job, resume: str | None, attempt: int) -> dict:
     """Launch the roles, run the steps left, stop the roles."""
     cfg = job.cfg
     watchdog = Watchdog(cfg.train.hang_timeout_s)
@@ -159,7 +159,7 @@ def _attempt(job: Job, resume: Path | None, attempt: int) -> dict:
         shutdown_roles(roles)
 
 
-def _start_loop(job: Job, roles: Roles, stream: RolloutStream, resume: Path | None) -> Loop:
+def _start_loop(job: Job, roles: Roles, stream: RolloutStream, resume: str | None) -> Loop:
     """The loop at its start: from a checkpoint (the workers get its weights), or from the initial policy
     with the held-out figures before training."""
     cfg = job.cfg
@@ -170,7 +170,7 @@ def _start_loop(job: Job, roles: Roles, stream: RolloutStream, resume: Path | No
     logger = RunLogger(cfg.train.output_dir, cfg.to_dict(), cfg.train.wandb_mode, cfg.train.wandb_project,
                        cfg.train.steps, resume_id=meta.get("wandb_id"), first_step=meta.get("step", 0) + 1)
 
-    def save_checkpoint(step: int, watchdog: Watchdog = stream.watchdog) -> Path:
+    def save_checkpoint(step: int, watchdog: Watchdog = stream.watchdog) -> str:
         path = checkpoint.save(roles.learner, stream.ledger, step, cfg.train.output_dir, cfg.train.keep_checkpoints,
                                watchdog, {"before": loop.before, "after": loop.after, "wandb_id": logger.run_id,
                                           "reward": cfg.reward.scorer})
@@ -212,10 +212,10 @@ def _report_hang(hang: Hang, job: Job, roles: Roles, loop: Loop | None) -> JobHu
     """Write the stuck roles' Python stacks to the run directory and print them; checkpoint where the
     learner still answers. Returns the error the job exits with."""
     cfg = job.cfg
-    out = Path(cfg.train.output_dir) / f"hang-{time.strftime('%Y%m%d-%H%M%S')}.txt"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    name = f"hang-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+    out = storage.join(cfg.train.output_dir, name)
     stacks = "\n\n".join(f"=== {role} ===\n{actor_stack(role)}" for role in hang.roles)
-    out.write_text(f"{hang}\n\n{stacks}\n")
+    storage.Location(cfg.train.output_dir).write_text(name, f"{hang}\n\n{stacks}\n")
     print(f"\nthe job is stuck: {hang}\n\n{stacks}", file=sys.stderr, flush=True)
     if "learner" in hang.roles:
         saved = "no checkpoint: the learner is one of the stuck roles"
@@ -246,7 +246,7 @@ def _last_checkpoint(job: Job, roles: Roles, loop: Loop | None) -> str:
 def _finish(job: Job, loop: Loop, roles: Roles, restarts: int) -> dict:
     """The final model (`output_dir/checkpoint`), the summary, and the run's close."""
     cfg, stream = job.cfg, loop.stream
-    final = stream.watchdog.get(loop.learner.save(str(Path(cfg.train.output_dir) / "checkpoint")),
+    final = stream.watchdog.get(loop.learner.save(storage.join(cfg.train.output_dir, "checkpoint")),
                                 "learner", "save")
     seconds = max(loop.seconds, 1e-9)
     summary = {
@@ -262,7 +262,8 @@ def _finish(job: Job, loop: Loop, roles: Roles, restarts: int) -> dict:
         "learner_restarts": restarts, "checkpoint": final, "roles_by_node": roles_by_node(roles),
     }
     if loop.ladder is not None and len(loop.ladder.names) > 1:
-        printed, _ = loop.ladder.write(str(Path(cfg.train.output_dir) / "elo"), cfg.elo.bootstrap, cfg.elo.seed)
+        with storage.staged(storage.join(cfg.train.output_dir, "elo")) as elo_dir:
+            printed, _ = loop.ladder.write(str(elo_dir), cfg.elo.bootstrap, cfg.elo.seed)
         print(f"\nheld-out ratings of this run's evaluations ({cfg.train.output_dir}/elo/ratings.png):\n{printed}")
     loop.logger.close(summary)
     print_summary(summary)

@@ -116,17 +116,21 @@ def sft_command(cfg) -> list[dict]:
 def elo_players(cfg, runs: list[str], named: list[str]) -> list[tuple[str, int, str, str]]:
     """(name, training step, model directory, series) of each policy to rate: the base (`model.path`, step 0),
     every complete checkpoint of each run directory, then each NAME=DIR given."""
+    from cluster import storage
     from cluster.checkpoint import complete_checkpoints
 
     players = [("base", 0, resolve_model(cfg.model.path), "base")]
     for run in runs:
+        if storage.is_uri(run):
+            raise ConfigError(f"--run {run}: rate runs on a local or mounted path (the players are loaded by vLLM "
+                              f"from a directory); copy the run's checkpoints/ down first")
         found = complete_checkpoints(run)
         if not found:
             raise ConfigError(f"{run} holds no complete checkpoint (checkpoints/step-*/ with meta.json); rate a run "
                               f"that saved some (train.checkpoint_every), or name model directories with --player")
         for path in found:
-            step = json.loads((path / "meta.json").read_text())["step"]
-            players.append((f"{Path(run).name}@{step}", step, str(path / "policy"), Path(run).name))
+            step = json.loads((Path(path) / "meta.json").read_text())["step"]
+            players.append((f"{Path(run).name}@{step}", step, str(Path(path) / "policy"), Path(run).name))
     for spec in named:
         name, sep, path = spec.partition("=")
         if not sep or not name or not (Path(path) / "config.json").is_file():

@@ -11,12 +11,12 @@ A checkpoint directory (cluster/checkpoint.py lays them out per step):
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from actors.rollout import RolloutBatch
+from cluster import storage
 from learner import distributed, ppo_math
 
 if TYPE_CHECKING:
@@ -65,36 +65,38 @@ def update_metrics(steps: list[dict[str, float]], batch: RolloutBatch, offpolicy
 
 def save_policy(learner: PPOLearner, path: str) -> str:
     """The learner's policy as an HF model directory plus value_head.pt (with the version and the KL
-    controller), written by rank 0; every rank of a group must call it."""
-    learner.trained.save(Path(path), learner.rank == 0,
-                         {"version": learner.version, "kl_ctl": learner.kl_ctl.state_dict()})
+    controller), written by rank 0; every rank of a group must call it. `path` may be a storage URI."""
+    with storage.staged(path) as out:
+        learner.trained.save(out, learner.rank == 0, {"version": learner.version, "kl_ctl": learner.kl_ctl.state_dict()})
     return str(path)
 
 
 def save_checkpoint(learner: PPOLearner, path: str) -> int:
     """Everything `load_checkpoint` needs to continue exactly (the module docstring's layout), as any number of
-    ranks can load it. Returns the policy version."""
-    out = Path(path)
-    save_policy(learner, str(out / "policy"))
-    distributed.save_sharded(out / "learner", learner.model, learner.optimizer)
-    if learner.rank == 0:
-        torch.save({"kl_ctl": learner.kl_ctl.state_dict(), "score_moments": learner.score_moments.state_dict(),
-                    "version": learner.version, "generator": learner.generator.get_state(),
-                    "ptx_next": learner.ptx_next, "torch_rng": torch.get_rng_state()}, out / "learner.pt")
+    ranks can load it. `path` may be a storage URI: each rank writes its part locally, then uploads it.
+    Returns the policy version."""
+    with storage.staged(path) as out:
+        save_policy(learner, str(out / "policy"))
+        distributed.save_sharded(out / "learner", learner.model, learner.optimizer)
+        if learner.rank == 0:
+            torch.save({"kl_ctl": learner.kl_ctl.state_dict(), "score_moments": learner.score_moments.state_dict(),
+                        "version": learner.version, "generator": learner.generator.get_state(),
+                        "ptx_next": learner.ptx_next, "torch_rng": torch.get_rng_state()}, out / "learner.pt")
     return learner.version
 
 
 def load_checkpoint(learner: PPOLearner, path: str, reward_state: bool = True) -> int:
     """Continue from `save_checkpoint(path)`, written by this or another number of ranks: its weights replace
     the ones the learner started from. Without `reward_state` the KL controller and the running score moments
-    are not loaded (the checkpoint was trained on another reward). Returns the policy version."""
-    out = Path(path)
-    if not (out / "learner").is_dir():
-        raise ValueError(f"{out} has no sharded learner state (learner/): it was written by an older version "
+    are not loaded (the checkpoint was trained on another reward). `path` may be a storage URI. Returns the
+    policy version."""
+    if not storage.Location(path).is_dir("learner"):
+        raise ValueError(f"{path} has no sharded learner state (learner/): it was written by an older version "
                          f"of this project; start afresh or resume from a newer checkpoint")
-    distributed.load_sharded(out / "learner", learner.model, learner.optimizer)
-    # On the CPU: the random states must stay CPU byte tensors.
-    state = torch.load(out / "learner.pt", map_location="cpu", weights_only=False)
+    with storage.fetched(path, ("learner", "learner.pt")) as out:
+        distributed.load_sharded(out / "learner", learner.model, learner.optimizer)
+        # On the CPU: the random states must stay CPU byte tensors.
+        state = torch.load(out / "learner.pt", map_location="cpu", weights_only=False)
     if reward_state:
         learner.kl_ctl.load_state_dict(state["kl_ctl"])
         learner.score_moments.load_state_dict(state["score_moments"])

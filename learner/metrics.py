@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
+
+from cluster import storage
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +43,14 @@ class Progress:
 class RunLogger:
     def __init__(self, output_dir: str, config: dict, wandb_mode: str = "offline", project: str = "rlhf-ray",
                  total_steps: int = 1, resume_id: str | None = None, first_step: int = 1):
-        """`resume_id`: the W&B run of a job this one resumes, continued rather than started anew."""
-        self.dir = Path(output_dir)
+        """`resume_id`: the W&B run of a job this one resumes, continued rather than started anew. For a storage
+        URI `output_dir` the files are written in a local staging directory and uploaded at each checkpoint and
+        at the close (the earlier metrics.jsonl of a resumed run is downloaded first, so nothing is lost)."""
+        self.sync_to = output_dir if storage.is_uri(output_dir) else None
+        self.dir = Path(tempfile.mkdtemp(prefix="rlhf-run-")) if self.sync_to else Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.sync_to and storage.Location(output_dir).is_file("metrics.jsonl"):
+            storage.Location(output_dir).download("metrics.jsonl", self.dir / "metrics.jsonl")
         self.jsonl = open(self.dir / "metrics.jsonl", "a")
         self.total_steps = total_steps
         # a resumed run's ETA counts the steps this process ran
@@ -53,7 +62,7 @@ class RunLogger:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project=project, config=config, mode=wandb_mode, dir=str(self.dir),
-                                    name=self.dir.name, id=resume_id, resume="allow" if resume_id else None)
+                                    name=storage.basename(output_dir), id=resume_id, resume="allow" if resume_id else None)
             log.info("W&B run %s (%s) in %s", self.wandb.id, wandb_mode, self.wandb.dir)
 
         self.run_id = self.wandb.id if self.wandb is not None else None
@@ -71,16 +80,26 @@ class RunLogger:
             self.wandb = None
             _let_go_of_wandb()
 
-    def checkpoint(self, path: Path, step: int) -> None:
-        """Record a checkpoint as a W&B model artifact (a reference to the files, not a copy of them)."""
+    def sync(self) -> None:
+        """Upload the run's files to its storage URI (nothing to do for a local output_dir)."""
+        if self.sync_to:
+            storage.Location(self.sync_to).upload(self.dir)
+
+    def checkpoint(self, path: str, step: int) -> None:
+        """Record a checkpoint as a W&B model artifact (a reference to the files, not a copy of them; on a
+        storage URI, its address in the run's summary) and upload the run's files."""
         def send(run):
             import wandb
 
+            if storage.is_uri(path):
+                run.summary.update({"checkpoint/latest": path, "checkpoint/step": step})
+                return
             artifact = wandb.Artifact(f"checkpoint-{run.id}", type="model", metadata={"step": step})
             artifact.add_reference(Path(path).resolve().as_uri(), checksum=False)
             run.log_artifact(artifact, aliases=[f"step-{step}", "latest"])
 
         self._to_wandb(send)
+        self.sync()
 
     def log(self, step: int, metrics: dict, jsonl_only: dict | None = None) -> None:
         """`jsonl_only`: values for metrics.jsonl alone (lists W&B would not chart)."""
@@ -117,6 +136,13 @@ class RunLogger:
         """Close without a summary: the job goes on in a new attempt (which continues the W&B run)."""
         self.jsonl.close()
         self._to_wandb(lambda run: run.finish(exit_code=1))
+        self._release()
+
+    def _release(self) -> None:
+        """The files uploaded and the staging directory removed (for a storage URI)."""
+        if self.sync_to:
+            self.sync()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def close(self, summary: dict) -> None:
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -126,6 +152,7 @@ class RunLogger:
             run.finish()
 
         self._to_wandb(send)
+        self._release()
 
 
 def _let_go_of_wandb() -> None:

@@ -174,6 +174,12 @@ class RewardServer:
     async def health(self) -> Health:
         return Health(status="ok", scorer=self.cfg.scorer)
 
+    async def pid(self) -> int:
+        """This replica's process id (`rlhf chaos` stops it)."""
+        import os
+
+        return os.getpid()
+
     async def node_id(self) -> str:
         """The Ray node this replica runs on."""
         import ray

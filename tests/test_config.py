@@ -107,7 +107,7 @@ def test_resume_names_a_complete_checkpoint(tmp_path):
         path.mkdir(parents=True)
         if complete:
             (path / "meta.json").write_text("{}")
-    assert resume_from("auto", str(tmp_path)).name == "step-000004"  # step 6 was never finished
+    assert resume_from("auto", str(tmp_path)) == str(tmp_path / "checkpoints" / "step-000004")  # step 6 was never finished
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         resume_from(str(tmp_path / "checkpoints" / "step-000006"), str(tmp_path))
 

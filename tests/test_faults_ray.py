@@ -10,6 +10,7 @@ import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -138,7 +139,7 @@ def test_a_stopped_job_resumes_with_the_batch_an_uninterrupted_run_takes(ray_ses
     assert stopped["stopped_by"] == "SIGTERM" and stopped["steps"] < 3
     assert stopped["eval/after"].startswith("not measured")  # not the figures from before training
     k = stopped["steps"]
-    assert [int(p.name.split("-")[1]) for p in complete_checkpoints(str(stopped_dir))][-1] == k
+    assert [int(p.rsplit("-", 1)[1]) for p in complete_checkpoints(str(stopped_dir))][-1] == k
 
     resumed = train(config(stopped_dir, *steps, "train.resume=auto"))
     assert resumed["steps"] == 3 and resumed["policy_version"] == 3 and resumed["eval/after_policy_version"] == 3
@@ -215,7 +216,7 @@ def test_a_hung_worker_is_named_with_its_stack_and_the_job_exits_after_a_checkpo
     assert "=== generation-worker-0 ===\nprocess " in text and "Thread" in text
     assert str(report) in err
     (saved,) = complete_checkpoints(str(tmp_path))  # written after the hang, not by checkpoint_every
-    meta = json.loads((saved / "meta.json").read_text())
+    meta = json.loads((Path(saved) / "meta.json").read_text())
     assert meta["step"] == meta["policy_version"] >= 1
 
 

@@ -4,6 +4,7 @@ group's ranks on two nodes, and whole nodes killed mid-run as a preempted machin
 
 These tests run last (tests/conftest.py): they stop the session's one-node Ray and start their own."""
 
+import json
 import os
 import signal
 import threading
@@ -19,7 +20,7 @@ from cluster.job import train
 from cluster.launch import ACTOR_ENV
 from cluster.simulated import SimulatedCluster
 from learner.distributed import free_port
-from tests.job_runs import assert_every_prompt_once, steps_done, wait_for
+from tests.job_runs import assert_every_prompt_once, s3_server, steps_done, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.multinode]
 
@@ -35,16 +36,19 @@ def nodes():
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
+    s3 = s3_server()
+    env = s3.__enter__()  # checkpoints on a storage URI, which every node reaches
     cluster = SimulatedCluster(head_cpus=2)
     cluster.add("learner-a", 2, learner=1)
     cluster.add("learner-b", 2, learner=1)
     cluster.add("generation-a", 3, generation=2, reference=1)
     cluster.add("reward-a", 1, reward=1)
-    ray.init(address=cluster.address, logging_level="warning", runtime_env={"env_vars": ACTOR_ENV})
+    ray.init(address=cluster.address, logging_level="warning", runtime_env={"env_vars": {**ACTOR_ENV, **env}})
     yield cluster
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()
+    s3.__exit__(None, None, None)
 
 
 def config(out, *overrides):
@@ -60,14 +64,19 @@ def on_nodes(cluster, summary) -> dict[str, list[str]]:
 def after_step(out, step, action):
     """Run `action` in a thread once the job has finished `step`; returns a check that re-raises its error
     (an error also stops the job, as `ray job stop` does)."""
+    return once(lambda: steps_done(out) >= step, action)
+
+
+def once(condition, action):
+    """Run `action` in a thread once `condition()` holds; returns a check that re-raises its error."""
     errors = []
 
     def run():
         try:
             deadline = time.time() + 300
-            while steps_done(out) < step:
+            while not condition():
                 if time.time() > deadline:
-                    raise TimeoutError(f"the job did not reach step {step}")
+                    raise TimeoutError("the job did not get there in time")
                 time.sleep(0.2)
             action()
         except BaseException as exc:  # noqa: BLE001 - re-raised by the check
@@ -223,19 +232,27 @@ def test_a_lost_reward_node_brings_the_reward_replica_back_on_another(nodes, tmp
     assert_every_prompt_once(summary)
 
 
-def test_a_lost_learner_node_rebuilds_the_group_from_the_last_checkpoint(nodes, tmp_path):
+def test_a_lost_learner_node_rebuilds_the_group_from_the_last_checkpoint_on_object_storage(nodes):
+    """The checkpoints on S3: the rebuilt group, on another node, resumes from there."""
+    from cluster import storage
+    from cluster.checkpoint import complete_checkpoints
+
     generation_nodes(nodes, **{"generation-h": (2, 2)})
     nodes.add("learner-c", 2, learner=1)
-    killed = []
+    run, killed = f"s3://runs/learner-lost-{time.time_ns()}", []
 
     def lose():
         killed.append(nodes.name_of(ray.get(ray.get_actor("learner-1").node_id.remote())))
         nodes.kill(killed[0])
 
-    check = after_step(tmp_path, 2, lose)
-    summary = train(config(tmp_path, "train.steps=5", "train.checkpoint_every=1", "ppo.num_learners=2",
+    check = once(lambda: len(complete_checkpoints(run)) >= 2, lose)
+    summary = train(config(run, "train.steps=5", "train.checkpoint_every=1", "ppo.num_learners=2",
                            "ppo.num_cpus=1", "ppo.placement=spread", "reference.placement=learner"))
     check()
+    place = storage.Location(run)
+    assert place.is_file("checkpoint/config.json") and place.is_file("summary.json")
+    assert [json.loads(line)["step"] for line in place.read_text("metrics.jsonl").splitlines()][-1] == 5
+    assert [c.rsplit("-", 1)[-1] for c in complete_checkpoints(run)] == ["000004", "000005"]  # keep_checkpoints
     assert summary["steps"] == summary["policy_version"] == 5 and summary["learner_restarts"] == 1
     placed = on_nodes(nodes, summary)
     assert killed[0] not in placed
