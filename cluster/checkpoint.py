@@ -73,12 +73,9 @@ def save(learner, ledger, step: int, output_dir: str, keep: int, watchdog, extra
     final = storage.join(checkpoints_dir(output_dir), f"{PREFIX}{step:06d}")
     local = not storage.is_uri(output_dir)
     target = final + ".partial" if local else final
-    if local:
-        shutil.rmtree(target, ignore_errors=True)
-    else:
-        storage.Location(target).delete("")  # a part written by an attempt that died
-    version = watchdog.get(learner.save_checkpoint(target), "learner", "save_checkpoint")
     place = storage.Location(target)
+    place.delete("")  # a part written by an attempt that died
+    version = watchdog.get(learner.save_checkpoint(target), "learner", "save_checkpoint")
     place.write_text("stream.json", json.dumps(ledger.state_dict()))
     meta = {"step": step, "policy_version": version, "saved_at": time.time(), **(extra or {})}
     place.write_text("meta.json", json.dumps(meta, indent=1))

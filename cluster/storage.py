@@ -78,22 +78,23 @@ class Location:
 
         return self._type(rel) == pafs.FileType.Directory
 
-    def subdirs(self) -> list[str]:
-        """Names of the directories directly in this one (none where it does not exist)."""
+    def _entries(self) -> list:
+        """What is directly in this directory (nothing where it does not exist)."""
         import pyarrow.fs as pafs
 
         if not self.is_dir():
             return []
-        infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False))
-        return [info.base_name for info in infos if info.type == pafs.FileType.Directory]
+        return self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False))
+
+    def subdirs(self) -> list[str]:
+        """Names of the directories directly in this one."""
+        import pyarrow.fs as pafs
+
+        return [info.base_name for info in self._entries() if info.type == pafs.FileType.Directory]
 
     def names(self) -> list[str]:
         """Names of the files and directories directly in this one."""
-        import pyarrow.fs as pafs
-
-        if not self.is_dir():
-            return []
-        return [info.base_name for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False))]
+        return [info.base_name for info in self._entries()]
 
     def read_text(self, rel: str) -> str:
         with self.fs.open_input_stream(self._path(rel)) as f:
@@ -105,8 +106,11 @@ class Location:
             f.write(text.encode())
 
     def delete(self, rel: str) -> None:
+        """Remove the directory or file `rel` where it exists."""
         if self.is_dir(rel):
             self.fs.delete_dir(self._path(rel))
+        elif self.is_file(rel):
+            self.fs.delete_file(self._path(rel))
 
     def upload(self, local: Path, rel: str = "") -> None:
         """Copy the local directory `local` into `rel` (files already there with other names stay)."""
@@ -131,7 +135,7 @@ def check_writable(location: str, field: str) -> None:
     probe = f".write-probe-{uuid.uuid4().hex[:8]}"
     try:
         place.write_text(probe, "ok")
-        place.fs.delete_file(place._path(probe))
+        place.delete(probe)
     except OSError as exc:
         raise StorageError(f"{field} = {location} cannot be written ({exc}). Give a path or a bucket that this "
                            f"machine (and every node that writes there) can write to, with its credentials in "

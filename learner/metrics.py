@@ -49,8 +49,8 @@ class RunLogger:
         self.sync_to = output_dir if storage.is_uri(output_dir) else None
         self.dir = Path(tempfile.mkdtemp(prefix="rlhf-run-")) if self.sync_to else Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        if self.sync_to and storage.Location(output_dir).is_file("metrics.jsonl"):
-            storage.Location(output_dir).download("metrics.jsonl", self.dir / "metrics.jsonl")
+        if self.sync_to and (remote := storage.Location(output_dir)).is_file("metrics.jsonl"):
+            remote.download("metrics.jsonl", self.dir / "metrics.jsonl")
         self.jsonl = open(self.dir / "metrics.jsonl", "a")
         self.total_steps = total_steps
         # a resumed run's ETA counts the steps this process ran

@@ -36,19 +36,17 @@ def nodes():
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
-    s3 = s3_server()
-    env = s3.__enter__()  # checkpoints on a storage URI, which every node reaches
-    cluster = SimulatedCluster(head_cpus=2)
-    cluster.add("learner-a", 2, learner=1)
-    cluster.add("learner-b", 2, learner=1)
-    cluster.add("generation-a", 3, generation=2, reference=1)
-    cluster.add("reward-a", 1, reward=1)
-    ray.init(address=cluster.address, logging_level="warning", runtime_env={"env_vars": {**ACTOR_ENV, **env}})
-    yield cluster
-    serve.shutdown()
-    ray.shutdown()
-    cluster.shutdown()
-    s3.__exit__(None, None, None)
+    with s3_server() as env:  # checkpoints on a storage URI, which every node reaches
+        cluster = SimulatedCluster(head_cpus=2)
+        cluster.add("learner-a", 2, learner=1)
+        cluster.add("learner-b", 2, learner=1)
+        cluster.add("generation-a", 3, generation=2, reference=1)
+        cluster.add("reward-a", 1, reward=1)
+        ray.init(address=cluster.address, logging_level="warning", runtime_env={"env_vars": {**ACTOR_ENV, **env}})
+        yield cluster
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def config(out, *overrides):
@@ -73,11 +71,7 @@ def once(condition, action):
 
     def run():
         try:
-            deadline = time.time() + 300
-            while not condition():
-                if time.time() > deadline:
-                    raise TimeoutError("the job did not get there in time")
-                time.sleep(0.2)
+            wait_for(condition)
             action()
         except BaseException as exc:  # noqa: BLE001 - re-raised by the check
             errors.append(exc)
