@@ -24,13 +24,15 @@ class SimulatedCluster:
     """A head node (where the driver runs) and named worker nodes, each offering CPUs and custom resources
     (`train.role_resources` places each role on the nodes that offer its resource)."""
 
-    def __init__(self, head_cpus: float = 2, object_store_mib: int = 128):
+    def __init__(self, head_cpus: float = 2, object_store_mib: int = 128, system_config: dict | None = None):
+        """`system_config`: Ray system settings on top of the fast node-death detection (e.g. how often the
+        nodes report metrics)."""
         from ray.cluster_utils import Cluster
 
         self.object_store_bytes = object_store_mib * 1024**2
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": head_cpus, "include_dashboard": False, "object_store_memory": self.object_store_bytes,
-            "_system_config": FAST_NODE_DEATH})
+            "_system_config": {**FAST_NODE_DEATH, **(system_config or {})}})
         self.nodes = {"head": self.cluster.head_node}
         # Nodes added from other threads (a fault schedule beside a job) start from this one thread, which
         # lives as long as the cluster: Ray ties a node's processes to the life of the thread that started
