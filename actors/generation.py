@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from actors.rollout import Rollout
-from actors.weights import BroadcastWeights, PublishedWeights
+from core.rollout import Rollout
+from core.weights import BroadcastWeights, PublishedWeights
 
 if TYPE_CHECKING:
-    from cluster.config import GenerationConfig
+    from core.config import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class GenerationWorker:
         import ray
 
         if ray.is_initialized():  # an actor: export tokens and tokens/s
-            from cluster.monitoring import WorkerMetrics
+            from core.monitoring import WorkerMetrics
 
             self.metrics = WorkerMetrics(name)
         log.info("%s: vLLM engine up in %.1f s", name, time.perf_counter() - start)

@@ -18,7 +18,7 @@ import random
 from collections import Counter, deque
 from typing import NamedTuple
 
-from actors.prompts import Prompt
+from core.prompts import Prompt
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Frozen reference model: the initial policy, kept unchanged, giving per-token log-probs for the KL penalty.
 
 It computes exactly as the learner computes its own log-probs (the learner's weight dtype and autocast,
-float32 LM head, the same forward in learner/forward.py), so that at the start of training, when the
+float32 LM head, the same forward in core/forward.py), so that at the start of training, when the
 policy still is the reference, the KL estimate is 0 rather than the gap between two kinds of arithmetic.
 """
 
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from learner.forward import load_causal_lm, token_logprobs
+from core.forward import load_causal_lm, token_logprobs
 
 if TYPE_CHECKING:
-    from cluster.config import ReferenceConfig
+    from core.config import ReferenceConfig
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Callable
 import ray
 
 from actors.prompt_ledger import Draw, PromptLedger
-from actors.rollout import Rollout
 from actors.worker_pool import WorkerPool
+from core.rollout import Rollout
 
 
 @dataclass

@@ -40,11 +40,6 @@ class Hang(RuntimeError):
         return sorted({c.role for c in self.stuck})
 
 
-class JobHung(RuntimeError):
-    """A job stopped because roles stopped answering: the message names them and the file with their
-    Python stacks (`rlhf` exits with status 3)."""
-
-
 class Watchdog:
     """The remote calls in flight, by the role they wait on. `timeout_s=None` never raises."""
 

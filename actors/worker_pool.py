@@ -23,10 +23,10 @@ from ray.exceptions import ActorDiedError, RayActorError
 
 from actors.generation import WeightsBehind
 from actors.nodes import room_for
-from actors.prompts import Prompt
-from actors.rollout import Rollout
 from actors.watchdog import Watchdog
-from learner.metrics import Progress
+from core.progress import Progress
+from core.prompts import Prompt
+from core.rollout import Rollout
 
 log = logging.getLogger(__name__)
 

@@ -28,13 +28,13 @@ from pathlib import Path
 import ray
 
 from actors.generation import GenerationWorker
-from actors.prompts import load_prompts
-from actors.rollout import Rollout
 from cluster.cli import DEFAULT_CONFIG
-from cluster.config import load_config, replace_section
+from cluster.job import train
 from cluster.launch import launch_learners, start_ray
 from cluster.models import resolve_model
-from cluster.job import train
+from core.config import load_config, replace_section
+from core.prompts import load_prompts
+from core.rollout import Rollout
 
 
 class BenchWorker(GenerationWorker):

@@ -23,10 +23,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's packages, installed or not
 
-from cluster.config import PPOConfig
 from cluster.models import prepare_tiny
-from learner.learner import LearnerSetup, PPOLearner
+from core.config import PPOConfig
 from learner.distributed import free_port
+from learner.learner import LearnerSetup, PPOLearner
 from tests.test_gpu import rollouts
 
 

@@ -26,7 +26,7 @@ import urllib.request
 import ray
 
 from cluster.cli import DEFAULT_CONFIG
-from cluster.config import load_config, replace_section
+from core.config import load_config, replace_section
 
 PUSHED = "PushedFromLocalPlasma"
 
@@ -125,7 +125,7 @@ class StubEngine:
         self.logprobs = [-1.0] * tokens
 
     def generate(self, prompts, n=1, temperature=None, max_tokens=None, expect_version=None):
-        from actors.rollout import Rollout
+        from core.rollout import Rollout
 
         return [Rollout(prompt_index=i, prompt_ids=list(ids), response_ids=self.response, text="a reply " * 16,
                         logprobs=self.logprobs, version=self.version, worker=self.name, finished=True)
@@ -161,10 +161,10 @@ def stream_rate(cfg, workers: int, tokens: int, reward, seconds: float) -> tuple
     import torch
 
     from actors.prompt_ledger import PromptLedger
-    from actors.prompts import Prompt
     from actors.rollout_stream import RolloutStream
-    from actors.weights import publish_state_dict
     from actors.worker_pool import WorkerPool
+    from core.prompts import Prompt
+    from core.weights import publish_state_dict
 
     gen, train = cfg.generation, cfg.train
 

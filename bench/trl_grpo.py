@@ -21,14 +21,13 @@ import tempfile
 import time
 
 import torch
-
-from actors.prompts import load_prompts
-from cluster.cli import DEFAULT_CONFIG
-from cluster.config import load_config
-from cluster.models import resolve_model
-from reward_server.scorers import make_scorer
-
 from benchmark import run_job  # bench/, this script's own folder
+
+from cluster.cli import DEFAULT_CONFIG
+from cluster.models import resolve_model
+from core.config import load_config
+from core.prompts import load_prompts
+from reward_server.scorers import make_scorer
 
 COMPLETIONS, GENERATIONS, MINIBATCH = 64, 4, 16  # per TRL update: 16 prompts x 4 completions, steps of 16
 

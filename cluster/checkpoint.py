@@ -7,7 +7,7 @@
     stream.json      data position (actors/prompt_ledger.py): the shuffle's state, every prompt drawn but not trained on
     meta.json        step, policy version, W&B run id, the reward trained on; written last, so a directory without it is incomplete
 
-`output_dir` is a local path, a path every node mounts, or a storage URI (cluster/storage.py): on a
+`output_dir` is a local path, a path every node mounts, or a storage URI (core/storage.py): on a
 multi-node cluster the learner's node writes there and a learner on any node resumes from there. Locally a
 checkpoint is written into `step-NNNNNN.partial` and renamed when complete; on a URI each part is staged
 locally and uploaded whole, and meta.json goes last. Either way a job killed while writing never leaves a
@@ -22,8 +22,8 @@ import shutil
 import time
 from pathlib import Path
 
-from cluster import storage
-from cluster.config import ConfigError
+from core import storage
+from core.config import ConfigError
 
 log = logging.getLogger(__name__)
 

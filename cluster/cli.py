@@ -24,10 +24,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from actors.demonstrations import DemonstrationError
-from actors.prompts import PromptDataError
-from cluster.config import ConfigError, describe, load_config
-from reward_server.preferences import PreferenceDataError
+from core.config import ConfigError, describe, load_config
+from core.errors import CannotPlace, InputError, JobHung
+from core.specs import check_model
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
@@ -38,10 +37,10 @@ EXIT_HUNG = 3
 @contextmanager
 def staged_output(cfg, section: str):
     """`cfg` with `<section>.output_dir` local: where it is a storage URI, the command writes into a local
-    staging directory uploaded when it ends (cluster/storage.py); `rm.output_dir`, which West-of-N starts
+    staging directory uploaded when it ends (core/storage.py); `rm.output_dir`, which West-of-N starts
     from, is downloaded first where it is a URI."""
-    from cluster import storage
-    from cluster.config import replace_section
+    from core import storage
+    from core.config import replace_section
 
     target = getattr(cfg, section).output_dir
     if section == "west_of_n" and storage.is_uri(cfg.rm.output_dir):
@@ -59,87 +58,103 @@ def staged_output(cfg, section: str):
 
 
 def train(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    cfg.check_ppo_job()
     from cluster.job import train
 
-    train(load_config(args.config, args.overrides))
+    train(cfg)
 
 
 def serve_reward(args) -> None:
+    cfg = load_config(args.config, args.overrides)
     from cluster.serve_reward import serve_reward
 
-    serve_reward(load_config(args.config, args.overrides), args.address)
+    serve_reward(cfg, args.address)
 
 
 def make_preferences(args) -> None:
+    cfg = load_config(args.config, args.overrides)
     from cluster.reward_modeling import make_preferences
 
-    make_preferences(load_config(args.config, args.overrides), args.out)
+    make_preferences(cfg, args.out)
 
 
 def make_demos(args) -> None:
+    cfg = load_config(args.config, args.overrides)
     from cluster.pipeline import make_demos
 
-    make_demos(load_config(args.config, args.overrides), args.out)
+    make_demos(cfg, args.out)
 
 
 def sft(args) -> None:
+    cfg = load_config(args.config, args.overrides)
     from cluster.pipeline import sft_command
 
-    with staged_output(load_config(args.config, args.overrides), "sft") as cfg:
-        sft_command(cfg)
+    with staged_output(cfg, "sft") as staged:
+        sft_command(staged)
 
 
 def dpo(args) -> None:
+    cfg = load_config(args.config, args.overrides)
     from cluster.pipeline import dpo_command
 
-    with staged_output(load_config(args.config, args.overrides), "dpo") as cfg:
-        dpo_command(cfg)
+    with staged_output(cfg, "dpo") as staged:
+        dpo_command(staged)
 
 
 def elo(args) -> None:
+    cfg = load_config(args.config, args.overrides)
     from cluster.pipeline import elo_command
 
-    with staged_output(load_config(args.config, args.overrides), "elo") as cfg:
-        elo_command(cfg, args.run, args.player)
+    with staged_output(cfg, "elo") as staged:
+        elo_command(staged, args.run, args.player)
 
 
 def online_rlhf(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    cfg.check_ppo_job()
     from cluster.online_rlhf import online_rlhf_command
 
-    with staged_output(load_config(args.config, args.overrides), "online") as cfg:
-        online_rlhf_command(cfg)
+    with staged_output(cfg, "online") as staged:
+        online_rlhf_command(staged)
 
 
 def train_rm(args) -> None:
+    cfg = load_config(args.config, args.overrides)
     from cluster.reward_modeling import train_rm_command
 
-    with staged_output(load_config(args.config, args.overrides), "rm") as cfg:
-        train_rm_command(cfg)
+    with staged_output(cfg, "rm") as staged:
+        train_rm_command(staged)
 
 
 def west_of_n(args) -> None:
+    cfg = load_config(args.config, args.overrides)
     from cluster.reward_modeling import west_of_n_command
 
-    with staged_output(load_config(args.config, args.overrides), "west_of_n") as cfg:
-        west_of_n_command(cfg)
+    with staged_output(cfg, "west_of_n") as staged:
+        west_of_n_command(staged)
 
 
 def best_of_n(args) -> None:
+    cfg = load_config(args.config, args.overrides)
     from cluster.reward_modeling import best_of_n_command
 
-    best_of_n_command(load_config(args.config, args.overrides), args.n, args.prompt)
+    best_of_n_command(cfg, args.n, args.prompt)
 
 
 def rm_report(args) -> None:
+    cfg = load_config(args.config, args.overrides)
     from cluster.rm_report import report
 
-    report(load_config(args.config, args.overrides), args.pairs, args.eval_pairs, args.out)
+    report(cfg, args.pairs, args.eval_pairs, args.out)
 
 
 def chaos(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    cfg.check_ppo_job()
     from cluster.chaos import chaos
 
-    chaos(load_config(args.config, args.overrides), args.fault, args.simulate)
+    chaos(cfg, args.fault, args.simulate)
 
 
 def scale(args) -> None:
@@ -177,6 +192,12 @@ def plan(args) -> None:
     flags = ([f"ppo.lora_rank={args.lora_rank}"] if args.lora_rank is not None else []) + \
             ([f"ppo.num_learners={args.learners}"] if args.learners is not None else [])
     cfg = load_config(args.config, [*args.overrides, *flags])
+    cfg.check_ppo_job()
+    if args.model.startswith("embedded:"):
+        check_model(args.model, "--model")
+    elif not (Path(args.model) / "config.json").is_file():
+        raise ConfigError(f"--model {args.model!r} holds no config.json (the model's shape is read from it); give an "
+                          f"HF model directory, one of cluster/configs/shapes/, or embedded:<name>")
     print(report(resolve_model(args.model) if args.model.startswith("embedded:") else args.model, cfg,
                  cfg.ppo.num_learners, args.device_gib))
 
@@ -185,7 +206,9 @@ def config(args) -> None:
     if args.config or args.overrides:
         import yaml
 
-        print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False))
+        cfg = load_config(args.config, args.overrides)
+        cfg.check_ppo_job()
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     else:
         print(describe(DEFAULT_CONFIG))
 
@@ -269,14 +292,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from actors.watchdog import JobHung
-    from cluster.launch import CannotPlace
-
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         args.func(args)
-    except (ConfigError, PromptDataError, PreferenceDataError, DemonstrationError) as exc:
+    except InputError as exc:
         print(f"rlhf: {exc}", file=sys.stderr)
         return 2
     except JobHung as exc:

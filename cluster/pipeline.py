@@ -17,9 +17,9 @@ import logging
 import statistics
 from pathlib import Path
 
-from cluster.config import ConfigError
 from cluster.models import resolve_model
 from cluster.reward_modeling import cycle, generation_workers, pick_best, policy_prompts, score_groups
+from core.config import ConfigError
 from learner.sft import run_sft
 from reward_server.scorers import make_scorer
 
@@ -69,8 +69,8 @@ def dpo_command(cfg) -> dict:
     """`rlhf dpo`: DPO of `model.path` on `preferences.path`, saved to `dpo.output_dir`; held-out pair figures
     per epoch, and the held-out gold reward of the base and of the result."""
     from actors.reference import ReferenceModel
-    from cluster.config import ReferenceConfig
     from cluster.reward_modeling import load_pair_sets
+    from core.config import ReferenceConfig
     from learner.dpo import DPOTrainer, encode_pairs, with_reference
 
     dc, pc = cfg.dpo, cfg.preferences
@@ -116,8 +116,8 @@ def sft_command(cfg) -> list[dict]:
 def elo_players(cfg, runs: list[str], named: list[str]) -> list[tuple[str, int, str, str]]:
     """(name, training step, model directory, series) of each policy to rate: the base (`model.path`, step 0),
     every complete checkpoint of each run directory, then each NAME=DIR given."""
-    from cluster import storage
     from cluster.checkpoint import complete_checkpoints
+    from core import storage
 
     players = [("base", 0, resolve_model(cfg.model.path), "base")]
     for run in runs:

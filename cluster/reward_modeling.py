@@ -15,16 +15,15 @@ import statistics
 from contextlib import contextmanager
 from pathlib import Path
 
-from actors.prompts import Prompt, load_prompts
-from actors.rollout import Rollout
 from actors.worker_pool import WorkerPool, sample
 from cluster.launch import launch_pool, start_ray
 from cluster.models import resolve_model
-from learner.metrics import Progress
+from core.preferences import PreferenceDataError, PreferencePair, load_preferences, split_pairs, write_preferences
+from core.progress import Progress
+from core.prompts import Prompt, load_prompts
+from core.rollout import Rollout
+from learner.reward_model import RewardModelTrainer
 from reward_server.client import RewardClient
-from reward_server.preferences import (PreferenceDataError, PreferencePair, load_preferences, split_pairs,
-                                       write_preferences)
-from reward_server.reward_model import RewardModelTrainer
 from reward_server.scorers import RewardModelScorer, make_scorer, score_checked
 from reward_server.west_of_n import Candidate, mean_logprob, select_pairs
 
@@ -247,8 +246,9 @@ def best_of_n_command(cfg, n: int, texts: list[str]) -> dict:
     under `reward.scorer`; on held-out prompts also the gold reward of Best-of-N against one sample."""
     model_path, _, held_out = policy_prompts(cfg)
     if texts:
-        from actors.prompts import encode
         from transformers import AutoTokenizer
+
+        from core.prompts import encode
 
         prompts = encode(texts, AutoTokenizer.from_pretrained(model_path), cfg.data.max_prompt_tokens,
                          cfg.data.system_prompt, "--prompt")

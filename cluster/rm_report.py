@@ -21,9 +21,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from actors.worker_pool import sample
-from cluster.reward_modeling import (cycle, generation_workers, gold_pairs, pick_best, policy_prompts, reward_server,
-                                     score_groups, train_reward_model, west_of_n_candidates)
-from reward_server.preferences import write_preferences
+from cluster.reward_modeling import (
+    cycle,
+    generation_workers,
+    gold_pairs,
+    pick_best,
+    policy_prompts,
+    reward_server,
+    score_groups,
+    train_reward_model,
+    west_of_n_candidates,
+)
+from core.preferences import write_preferences
 from reward_server.scorers import make_scorer
 from reward_server.west_of_n import select_pairs
 

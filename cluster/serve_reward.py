@@ -14,8 +14,8 @@ import os
 import signal
 import threading
 
-from cluster.config import RunConfig
 from cluster.launch import start_ray
+from core.config import RunConfig
 
 # Not the training job's app name, so that a server started this way and a job's own reward server can
 # share a cluster (each needs its own reward.route_prefix and port then).

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from actors.demonstrations import raise_or_skip
 from actors.reference import ReferenceModel
+from core.demonstrations import raise_or_skip
+from core.preferences import PreferenceDataError, PreferencePair
 from learner.sft import Trainer, encode_reply, reply_logprobs
-from reward_server.preferences import PreferenceDataError, PreferencePair
 
 if TYPE_CHECKING:
-    from cluster.config import DPOConfig
+    from core.config import DPOConfig
 
 log = logging.getLogger(__name__)
 

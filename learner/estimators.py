@@ -15,7 +15,7 @@ from torch import Tensor
 from learner import ppo_math
 
 if TYPE_CHECKING:
-    from cluster.config import PPOConfig
+    from core.config import PPOConfig
 
 
 def gae(scores: Tensor, kl: Tensor, kl_coef: float, values: Tensor, mask: Tensor, groups: Tensor,

@@ -22,17 +22,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from actors.rollout import RolloutBatch, collate
-from actors.weights import BroadcastWeights, PublishedWeights
+from core.forward import autocast, logprobs_from_logits, token_logprobs, torch_dtype
+from core.rollout import RolloutBatch, collate
+from core.weights import BroadcastWeights, PublishedWeights
 from learner import distributed, learner_state, ppo_math, publication
 from learner.estimators import ESTIMATORS
-from learner.forward import autocast, token_logprobs, torch_dtype
 from learner.policy import build_policy
 from learner.reference_source import ReferenceSource, _whole_model
 from learner.sft import held_out_nll, reply_nll
 
 if TYPE_CHECKING:
-    from cluster.config import PPOConfig
+    from core.config import PPOConfig
 
 
 @dataclass
@@ -202,11 +202,11 @@ class PPOLearner:
         with autocast(self.device, self.cfg.autocast):
             logits, values = (model or self.model)(mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
                                                    mb.response_ids.shape[1], self.temperature)
-        return ppo_math.logprobs_from_logits(logits, mb.response_ids.to(self.device)), values, logits
+        return logprobs_from_logits(logits, mb.response_ids.to(self.device)), values, logits
 
     def _my_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """This rank's share of a minibatch's rows (all of them for a single learner): a contiguous slice, so
-        that the samples of one prompt stay together and share its forward (learner/forward.py)."""
+        that the samples of one prompt stay together and share its forward (core/forward.py)."""
         return rows.tensor_split(self.world)[self.rank]
 
     def _grouped_order(self, groups: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from actors.rollout import RolloutBatch
-from cluster import storage
+from core import storage
+from core.rollout import RolloutBatch
 from learner import distributed, ppo_math
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from cluster.config import ConfigError
+from core.config import ConfigError
 
 
 def add_adapters(policy: torch.nn.Module, rank: int, alpha: float, targets: str) -> torch.nn.Module:

@@ -1,5 +1,5 @@
 """The one place metrics leave the job: a JSON-lines file, W&B (offline unless configured), and a
-progress line per step for the person watching; `Progress`, the rate-and-ETA line of any long loop."""
+progress line per step for the person watching (core/progress.py: the rate-and-ETA line of any long loop)."""
 
 from __future__ import annotations
 
@@ -11,33 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster import storage
+from core import storage
+from core.progress import Progress
 
 log = logging.getLogger(__name__)
-
-
-class Progress:
-    """done/total with rate and ETA; `advance` logs a line every `every_s` seconds and at the end (never,
-    with `every_s=None`: the caller prints `eta_s()` itself)."""
-
-    def __init__(self, label: str, total: int, unit: str, every_s: float | None = 15.0):
-        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
-        self.start = self.last_log = time.perf_counter()
-        self.done = 0
-
-    def rate(self) -> float:
-        return self.done / max(time.perf_counter() - self.start, 1e-9)
-
-    def eta_s(self) -> float:
-        return (self.total - self.done) / max(self.rate(), 1e-9)
-
-    def advance(self, count: int, detail: str = "") -> None:
-        self.done += count
-        now = time.perf_counter()
-        if self.every_s is not None and (now - self.last_log > self.every_s or self.done >= self.total):
-            log.info("%s: %d/%d %s%s | %.1f %s/s | ETA %.0f s", self.label, self.done, self.total, self.unit,
-                     f" | {detail}" if detail else "", self.rate(), self.unit, self.eta_s())
-            self.last_log = now
 
 
 class RunLogger:

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from core.forward import load_causal_lm, torch_dtype
 from learner import distributed, lora
 from learner.distributed import PolicyWithValue
-from learner.forward import load_causal_lm, torch_dtype
 
 if TYPE_CHECKING:
-    from cluster.config import PPOConfig
+    from core.config import PPOConfig
 
 
 @dataclass

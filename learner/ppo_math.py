@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 # --- masked statistics -------------------------------------------------------------------------
 
 
@@ -361,18 +360,6 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     logits = logits.clamp(min=torch.finfo(logits.dtype).min)
     probs = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
-
-
-def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """log softmax(logits)[label] for each position: logits (..., V), labels (...) -> (...).
-
-    log_softmax subtracts the row max before anything is rounded; the cheaper
-    logit[label] - logsumexp(logits) subtracts two large, separately rounded numbers and loses
-    digits (badly so in bf16). Labels must be valid token ids everywhere, padding included (use the
-    pad id there, not -100). Computed in the dtype of `logits`; memory is one (..., V) tensor.
-    """
-    logprobs = torch.log_softmax(logits, dim=-1)
-    return logprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 # --- reward normalisation ----------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """How a learner's policy versions reach the generation workers, behind one verb: `publish(version)`, which
 every rank of a learner group calls (gathering a sharded tensor is a collective) and which returns, on rank 0,
-what the workers load (actors/weights.py), None on the other ranks.
+what the workers load (core/weights.py), None on the other ranks.
 
 - `ObjectStorePublisher` (`ppo.weight_transfer=object_store`, the default; elastic): buckets of the weights
   (or LoRA's adapters) in Ray's object store, which any worker, a late joiner too, loads as they arrive.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.weights import BroadcastWeights, BucketWriter, PublishedWeights
+from core.weights import BroadcastWeights, BucketWriter, PublishedWeights
 from learner import lora
 from learner.policy import Policy
 

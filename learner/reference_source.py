@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from core.forward import load_causal_lm, token_logprobs
 from learner import distributed
 from learner.distributed import PolicyWithValue
-from learner.forward import load_causal_lm, token_logprobs
 from learner.policy import Policy
 
 if TYPE_CHECKING:
-    from cluster.config import PPOConfig
+    from core.config import PPOConfig
 
 
 def _whole_model(model: PolicyWithValue, *args):

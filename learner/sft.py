@@ -1,6 +1,6 @@
 """Supervised fine-tuning on demonstrations (`rlhf sft`): the first stage of the RLHF recipe.
 
-Demonstrations (actors/demonstrations.py) become the policy's own token layout:
+Demonstrations (core/demonstrations.py) become the policy's own token layout:
 the prompt with the chat template and its generation prompt, as the generation workers see it, then the
 reply's tokens and EOS, as they would sample it. The loss is the mean negative log-likelihood of the reply
 tokens only: the prompt is context, not a target. The result is an HF directory that `model.path` takes.
@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from actors.demonstrations import Demonstration, DemonstrationError, load_demonstrations, raise_or_skip
-from actors.rollout import pad
-from learner.forward import autocast, load_causal_lm, response_forward
-from learner.metrics import Progress
-from learner.ppo_math import logprobs_from_logits, masked_mean
-from reward_server.preferences import split_pairs
+from core.demonstrations import Demonstration, DemonstrationError, load_demonstrations, raise_or_skip
+from core.forward import autocast, load_causal_lm, logprobs_from_logits, response_forward
+from core.preferences import split_pairs
+from core.progress import Progress
+from core.rollout import pad
+from learner.ppo_math import masked_mean
 
 if TYPE_CHECKING:
-    from cluster.config import SFTConfig
+    from core.config import SFTConfig
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from actors.prompts import Prompt
-from actors.rollout import Rollout
 from actors.rollout_stream import RolloutStream
 from actors.worker_pool import sample
+from core.prompts import Prompt
+from core.rollout import Rollout
 from learner.metrics import RunLogger
 from reward_server.ratings import Ladder
 from reward_server.scorers import Scorer, score_checked

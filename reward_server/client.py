@@ -19,7 +19,7 @@ from ray import serve
 from reward_server.scorers import ScoringError
 
 if TYPE_CHECKING:
-    from cluster.config import RewardConfig
+    from core.config import RewardConfig
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,11 @@ finite number, because one NaN reward silently poisons every PPO update after it
 
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 from typing import Protocol, Sequence
+
+from core.specs import load_function, parse_scorer
 
 
 class Scorer(Protocol):
@@ -127,7 +128,7 @@ def configure_padding(tokenizer, model, path: str = "") -> None:
 def encode_conversations(tokenizer, prompts: list, responses: list[str], max_length: int):
     """The conversations [user: prompt, assistant: response] as padded token ids; a prompt may also be
     the list of messages before the final reply. Training and scoring must encode identically."""
-    from reward_server.preferences import conversation
+    from core.preferences import conversation
 
     common = dict(padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     if tokenizer.chat_template is None:
@@ -168,7 +169,7 @@ def conversation_rewards(model, tokenizer, prompts: list, responses: list[str], 
 def response_mask(tokenizer, prompts: list, attention_mask):
     """(B, T) 1 where the token belongs to the final reply (its end-of-turn marker included), else 0: the
     conversation's tokens after the prompt as the chat template writes it with the assistant header."""
-    from reward_server.preferences import conversation
+    from core.preferences import conversation
 
     mask = attention_mask.clone()
     for i, prompt in enumerate(prompts):
@@ -200,21 +201,8 @@ class FunctionScorer:
     `module.path:function` (e.g. `my_rewards:length_reward`)."""
 
     def __init__(self, spec: str):
-        module_name, sep, function_name = spec.partition(":")
-        if not sep or not module_name or not function_name or ":" in function_name:
-            raise ValueError(f"function scorer {spec!r} must look like module.path:function "
-                             f"(e.g. my_rewards:length_reward)")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ImportError(f"cannot import module {module_name!r} of scorer {spec!r}: {e}; it "
-                              f"must be importable on the reward server's Python path") from e
-        function = getattr(module, function_name, None)
-        if not callable(function):
-            raise ValueError(f"module {module_name!r} has no function {function_name!r} "
-                             f"(scorer {spec!r})")
         self.spec = spec
-        self._function = function
+        self._function = load_function(spec)
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         return list(self._function(prompts, responses))
@@ -223,19 +211,14 @@ class FunctionScorer:
         return f"FunctionScorer({self.spec!r})"
 
 
-SCORER_FORMS = "`vader`, `model:<dir>` or `python:<module>:<function>`"
-
-
 def make_scorer(spec: str, device: str = "cpu") -> Scorer:
-    """Build the scorer named by a `reward.scorer` spec."""
-    kind, _, rest = spec.partition(":")
-    if spec == "vader":
-        return VaderScorer()
-    if kind == "model" and rest:
-        return RewardModelScorer(rest, device=device)
-    if kind == "python" and rest:
-        return FunctionScorer(rest)
-    raise ValueError(f"unknown scorer {spec!r}; use {SCORER_FORMS}")
+    """Build the scorer named by a `reward.scorer` spec (core/specs.py)."""
+    kind, argument = parse_scorer(spec)
+    if kind == "model":
+        return RewardModelScorer(argument, device=device)
+    if kind == "python":
+        return FunctionScorer(argument)
+    return VaderScorer()
 
 
 def score_checked(scorer: Scorer, prompts: Sequence[str], responses: Sequence[str],

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.config import RewardConfig
+from core.config import RewardConfig
 from reward_server.scorers import ScoringError, make_scorer, score_checked
 
 APP_NAME = "reward"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from reward_server.preferences import PreferencePair
+from core.preferences import PreferencePair
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Candidate:
 
 
 def mean_logprob(rollout) -> float:
-    """Mean per-token log-prob of a response (an `actors.rollout.Rollout`) under the policy that sampled it."""
+    """Mean per-token log-prob of a response (an `core.rollout.Rollout`) under the policy that sampled it."""
     return sum(rollout.logprobs) / max(1, len(rollout.logprobs))
 
 

@@ -8,7 +8,7 @@ import ray
 
 from cluster.chaos import KINDS, chaos
 from cluster.cli import DEFAULT_CONFIG
-from cluster.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from learner.distributed import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.multinode]

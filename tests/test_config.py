@@ -5,7 +5,9 @@ import dataclasses
 import pytest
 
 from cluster.cli import DEFAULT_CONFIG, main
-from cluster.config import ConfigError, build_config, load_config
+from core.config import ConfigError, build_config, load_config
+
+pytestmark = pytest.mark.pure
 
 
 def test_the_default_job_is_the_configs_defaults_so_rlhf_config_shows_what_it_runs(capsys):
@@ -114,9 +116,9 @@ def test_resume_names_a_complete_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_dtypes_use_bf16_only_where_the_hardware_has_it(monkeypatch, native):
-    import cluster.config
+    import core.config
 
-    monkeypatch.setattr(cluster.config, "native_bf16", lambda device: device == "cuda" or native)
+    monkeypatch.setattr(core.config, "native_bf16", lambda device: device == "cuda" or native)
     cfg = build_config({})
     half = "bfloat16" if native else None
     assert cfg.generation.dtype == (half or "float32")
@@ -142,12 +144,70 @@ def test_cli_lists_every_field_with_help(capsys):
     assert "max_staleness = 0: 0 = on-policy" in out and "kl_target" in out
 
 
-def test_ppo_refuses_nucleus_sampling_with_the_reason(capsys):
-    """top_p < 1 samples from a truncated distribution the learner does not model; best-of-n may use it."""
-    assert main(["train", "--config", str(DEFAULT_CONFIG), "generation.top_p=0.9"]) == 2
-    err = capsys.readouterr().err
-    assert "generation.top_p = 0.9 but PPO needs 1.0" in err and "best-of-n" in err
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Any start of Ray fails the test: a bad input must be refused before it."""
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+
+
+def test_ppo_refuses_nucleus_sampling_with_the_reason(capsys, no_ray):
+    """top_p < 1 samples from a truncated distribution the learner does not model; best-of-n may use it. `rlhf
+    config` and `rlhf plan`, which describe the PPO job, refuse it as `rlhf train` does."""
+    for command in (["train"], ["config"], ["plan", "--model", "cluster/configs/shapes/llama-3.2-1b"]):
+        assert main([*command, "generation.top_p=0.9"]) == 2
+        err = capsys.readouterr().err
+        assert "generation.top_p = 0.9 but PPO needs 1.0" in err and "best-of-n" in err
     assert load_config(DEFAULT_CONFIG, ["generation.top_p=0.9"]).generation.top_p == 0.9
+
+
+@pytest.mark.parametrize("override, says", [
+    ("reward.scorer=vadr", "unknown scorer 'vadr'; use `vader`"),
+    ("reward.scorer=python:no_such_module_here:score", "cannot import module 'no_such_module_here'"),
+    ("train.gold_scorer=python:reward_server.scorers:no_such_scorer", "has no function 'no_such_scorer'"),
+    ("preferences.labeller=python:reward_server", "must look like module.path:function"),
+    ("reward.scorer=model:/no/such/reward_model", "'/no/such/reward_model' is not a directory"),
+    ("reward.scorer=model:cluster/configs/shapes/llama-3.2-1b", "holds no weights"),
+    ("elo.judge=pairwise:no_such_module_here:better", "cannot import module 'no_such_module_here'"),
+    ("elo.judge=python:reward_server.scorers:no_such_scorer", "has no function 'no_such_scorer'"),
+    ("model.path=/no/such/policy", "'/no/such/policy' is not a directory"),
+    ("model.path=cluster/configs", "holds no config.json"),
+    ("model.path=embedded:smollm3", "names no embedded model; choose one of embedded:smollm2-135m-instruct"),
+    ("rm.base=/no/such/base", "'/no/such/base' is not a directory"),
+    ("data.path=no/such/prompts.jsonl", "no such file"),
+    ("data.eval_path=held_out.csv", "no such file"),
+])
+def test_a_misspelt_scorer_judge_or_model_is_refused_by_every_command_before_anything_starts(override, says, capsys,
+                                                                                             no_ray):
+    field = override.split("=")[0]
+    for command in (["train"], ["config"], ["plan", "--model", "embedded:tiny"], ["best-of-n"], ["sft"], ["elo"],
+                    ["make-preferences"], ["chaos", "--simulate"]):
+        assert main([*command, override]) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith(f"rlhf: {field} = ") and says in err, (command, err)
+
+
+def test_specs_that_name_something_usable_pass(tmp_path):
+    """A reward model directory is checked for its files, not loaded; a function is imported, not called."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    cfg = load_config(DEFAULT_CONFIG, [f"reward.scorer=model:{tmp_path}", f"model.path={tmp_path}",
+                                       "train.gold_scorer=python:reward_server.scorers:no_negative_word",
+                                       "elo.judge=reward"])
+    assert cfg.reward.scorer == f"model:{tmp_path}"
+
+
+def test_bad_input_exits_2_with_one_line_and_no_traceback():
+    """As a user runs it: the command's own process, nothing started, the message alone."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "train", "reward.scorer=python:no_such_module:f"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("rlhf: reward.scorer = 'python:no_such_module:f': cannot import module")
+    assert "Traceback" not in done.stderr and "Ray" not in done.stderr + done.stdout
 
 
 @pytest.mark.parametrize("depth, workers, change", [

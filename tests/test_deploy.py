@@ -7,11 +7,14 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cluster.cli import parser
-from cluster.config import load_config
 from cluster.launch import ROLE_RESOURCES
+from core.config import load_config
+
+pytestmark = pytest.mark.pure
 
 DEPLOY = Path(__file__).parent.parent / "cluster" / "deploy"
 ROOT = DEPLOY.parent.parent

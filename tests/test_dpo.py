@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from actors.reference import ReferenceModel
-from cluster.config import DPOConfig, ReferenceConfig
 from cluster.models import prepare_tiny
+from core.config import DPOConfig, ReferenceConfig
+from core.preferences import PreferenceDataError, PreferencePair
 from learner.dpo import DPOTrainer, dpo_loss, encode_pairs, with_reference
-from reward_server.preferences import PreferenceDataError, PreferencePair
 
 
 def test_dpo_loss_by_hand():
@@ -53,7 +53,7 @@ def test_a_reply_cut_off_at_the_length_limit_gets_no_eos_from_the_pair_file_to_t
     from transformers import AutoTokenizer
 
     from cluster.reward_modeling import flip_labels
-    from reward_server.preferences import load_preferences, write_preferences
+    from core.preferences import load_preferences, write_preferences
 
     tokenizer = AutoTokenizer.from_pretrained(str(prepare_tiny()))
     pairs = [PreferencePair("Rain again.", "A cosy day in!", "It rains and rains and", rejected_finished=False),

@@ -18,14 +18,14 @@ from ray import serve
 
 from cluster.checkpoint import complete_checkpoints
 from cluster.cli import DEFAULT_CONFIG, EXIT_HUNG, main
-from cluster.config import load_config
 from cluster.control import CONTROL_NAME
 from cluster.job import train
+from core.config import load_config
+from learner.distributed import free_port
 from reward_server.client import RewardClient, RewardServerUnavailable
 from reward_server.scorers import VaderScorer
 from reward_server.server import APP_NAME, start_reward_server
-from learner.distributed import free_port
-from tests.job_runs import assert_every_prompt_once, records, steps_done, wait_for
+from tests.helpers import assert_every_prompt_once, records, steps_done, wait_for
 
 pytestmark = pytest.mark.ray
 

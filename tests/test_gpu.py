@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from actors.reference import ReferenceModel
-from actors.rollout import Rollout
-from cluster.config import PPOConfig, ReferenceConfig, RewardModelConfig
 from cluster.models import prepare_tiny
+from core.config import PPOConfig, ReferenceConfig, RewardModelConfig
+from core.preferences import PreferencePair
+from core.rollout import Rollout
 from learner.learner import LearnerSetup, PPOLearner
-from reward_server.preferences import PreferencePair
-from reward_server.reward_model import RewardModelTrainer
+from learner.reward_model import RewardModelTrainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -76,10 +76,9 @@ def test_a_learner_rank_over_nccl_checkpoints_shards_and_lora_trains_on_cuda(mod
     """A learner group of one rank as cluster/launch.py starts it (NCCL process group), its sharded
     checkpoint round trip, and a LoRA learner whose reference is the base with adapters off."""
     import torch.distributed as dist
+    from transformers import AutoConfig
 
     from learner.distributed import free_port
-
-    from transformers import AutoConfig
 
     batch = rollouts(32, AutoConfig.from_pretrained(model).vocab_size, random.Random(1))
     for r in batch:

@@ -9,33 +9,15 @@ import pytest
 import torch
 
 from actors.reference import ReferenceModel
-from actors.rollout import Rollout
-from cluster.config import PPOConfig, ReferenceConfig
 from cluster.models import prepare_tiny
+from core.config import PPOConfig, ReferenceConfig
 from learner.learner import LearnerSetup, PPOLearner
+from tests.helpers import assert_same_changes, grouped, make_learner, rollouts, snapshot, with_sgd
 
 
 @pytest.fixture(scope="module")
 def tiny() -> str:
     return str(prepare_tiny())
-
-
-def make_learner(tiny, **options) -> PPOLearner:
-    # GAE and its value head unless a test says otherwise: rollouts() gives every row its own prompt
-    cfg = PPOConfig(**{"autocast": "none", "threads": 1, "minibatch_size": 8, "advantage": "gae", **options})
-    return PPOLearner(tiny, cfg, LearnerSetup(inference_dtype="float32"))
-
-
-def rollouts(learner, count=8, seed=0, finished=True) -> list[Rollout]:
-    """Random token rollouts whose behaviour log-probs are the learner's own (an on-policy sample)."""
-    rng = random.Random(seed)
-    vocab = learner.policy.config.vocab_size
-    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(4, 9))] for _ in range(count)]
-    responses = [[rng.randrange(3, vocab) for _ in range(rng.randint(2, 6))] for _ in range(count)]
-    own = learner.logprobs(prompts, responses)
-    return [Rollout(prompt_index=i, prompt_ids=p, response_ids=r, text="", logprobs=lp, version=0, worker="w",
-                    finished=finished, score=float(i % 4), ref_logprobs=list(lp))
-            for i, (p, r, lp) in enumerate(zip(prompts, responses, own))]
 
 
 def test_the_reference_computes_as_the_learner_does_so_the_kl_starts_at_zero(tiny):
@@ -155,44 +137,6 @@ def test_the_weight_source_for_vllms_nccl_engine_declares_what_it_sends_and_send
     assert [name for name, _ in source] == [name for name, _ in sent]  # a fresh pass every round
 
 
-def grouped(learner, seed=0, count=8, size=2) -> list[Rollout]:
-    """`size` responses to each of `count / size` prompts (one group each), the first scored +1, the others -1."""
-    batch = rollouts(learner, count=count, seed=seed)
-    for i, r in enumerate(batch):
-        r.prompt_index, r.prompt_ids = i // size, batch[i - i % size].prompt_ids
-        r.score = 1.0 if i % size == 0 else -1.0
-        r.logprobs = r.ref_logprobs = learner.logprobs([r.prompt_ids], [r.response_ids])[0]
-    return batch
-
-
-def with_sgd(learner):
-    """The learner steps with plain SGD and no gradient clip, so that the change of every weight is -lr times
-    its gradient: comparing changes then compares gradients. (AdamW's first step is about lr * sign(g), so
-    weights after it hide a gradient wrong by a constant factor.)"""
-    learner.optimizer = torch.optim.SGD([{"params": g["params"], "lr": g["lr"]}
-                                         for g in learner.optimizer.param_groups])
-    learner.cfg.max_grad_norm = 1e9
-    return learner
-
-
-def assert_same_changes(start: dict, a: dict, b: dict, rtol: float = 1e-4) -> None:
-    """Two learners that started at `start` changed every weight alike: |delta_a - delta_b| <= rtol |delta_b| per
-    tensor (a gradient doubled anywhere fails it), give or take the rounding of the weights themselves (a change
-    of a weight near 1 is known to half a float32 step of 1, 6e-8), and the update did change the weights."""
-    assert a.keys() == b.keys() == start.keys()
-    moved = 0.0
-    for name in start:
-        da, db = a[name] - start[name], b[name] - start[name]
-        moved = max(moved, db.abs().max().item())
-        rounding = torch.finfo(start[name].dtype).eps * start[name].abs().max().item() * da.numel() ** 0.5
-        assert (da - db).norm() <= rtol * db.norm() + rounding, f"{name}: {(da - db).norm():.3g} vs {db.norm():.3g}"
-    assert moved > 1e-6
-
-
-def snapshot(learner) -> dict:
-    return {k: v.clone() for k, v in learner.weights().items()}
-
-
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
 def test_critic_free_estimators_train_without_a_value_head_toward_the_better_response(tiny, estimator):
     learner = make_learner(tiny, advantage=estimator, lr=1e-3, loss_agg="seq_mean_token_mean")
@@ -248,7 +192,7 @@ def test_ppo_ptx_mixes_the_demonstrations_log_likelihood_into_each_step(tiny):
 
 
 def test_the_samples_of_one_prompt_share_its_forward_and_train_as_if_each_ran_alone(tiny, monkeypatch):
-    from learner import forward
+    from core import forward
 
     batch = grouped(make_learner(tiny), seed=3)
     random.Random(0).shuffle(batch)  # the stream delivers groups in any order
@@ -279,8 +223,8 @@ def test_a_shared_prompt_is_one_decoder_call_with_the_plain_forwards_log_probs_a
     eager attention (an additive mask) as sdpa (a boolean one)."""
     from transformers import AutoModelForCausalLM
 
-    from actors.rollout import pad
-    from learner import forward
+    from core import forward
+    from core.rollout import pad
 
     model = AutoModelForCausalLM.from_pretrained(tiny)
     rng = random.Random(1)
@@ -374,7 +318,7 @@ def _tiny_of(kind: str, path, **transform):
                                             ("cohere", {"logit_scale": 0.25}), ("granite", {"logits_scaling": 8.0})])
 def test_log_probs_apply_the_models_own_logit_transform_and_an_unknown_one_is_refused(tmp_path, monkeypatch, kind,
                                                                                      transform):
-    from learner import forward
+    from core import forward
 
     path = _tiny_of(kind, tmp_path / kind, **transform)
     model = forward.load_causal_lm(path, "float32", "cpu")

@@ -9,11 +9,11 @@ import pytest
 import ray
 import torch
 
-from cluster.config import build_config
 from cluster.launch import launch_learners
 from cluster.models import prepare_tiny
+from core.config import build_config
 from learner.learner import LearnerSetup, PPOLearner
-from tests.test_learner import assert_same_changes, grouped, rollouts, snapshot, with_sgd
+from tests.helpers import assert_same_changes, grouped, rollouts, snapshot, with_sgd
 
 pytestmark = pytest.mark.ray
 

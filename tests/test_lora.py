@@ -5,9 +5,9 @@ module or rank the model lacks is refused by name."""
 import pytest
 import torch
 
-from cluster.config import ConfigError
 from cluster.models import prepare_tiny
-from tests.test_learner import make_learner, rollouts
+from core.config import ConfigError
+from tests.helpers import make_learner, rollouts
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def tiny() -> str:
 def test_lora_trains_the_adapters_and_the_reference_stays_the_base(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from learner.forward import token_logprobs
+    from core.forward import token_logprobs
 
     learner = make_learner(tiny, lora_rank=4, lr=3e-3)
     batch = rollouts(learner)

@@ -6,12 +6,11 @@ import pytest
 import ray
 
 from actors.generation import GenerationWorker
-from actors.prompts import load_prompts
-from cluster.config import build_config
 from cluster.models import prepare_tiny
+from core.config import build_config
+from core.prompts import load_prompts
 from learner.learner import LearnerSetup, PPOLearner
-from tests.test_pipeline_ray import run
-from tests.test_weight_sync import LOGPROB_TOL, max_gap
+from tests.helpers import LOGPROB_TOL, max_gap, run
 
 pytestmark = pytest.mark.ray
 

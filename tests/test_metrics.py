@@ -9,7 +9,11 @@ import textwrap
 import time
 from pathlib import Path
 
-from cluster.monitoring import HeldGauges
+import pytest
+
+from core.monitoring import HeldGauges
+
+pytestmark = pytest.mark.pure
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,13 +14,13 @@ import pytest
 import ray
 
 from cluster.cli import DEFAULT_CONFIG
-from cluster.config import load_config
 from cluster.control import CONTROL_NAME
-from cluster.job import train
+from cluster.job import request_stop, train
 from cluster.launch import ACTOR_ENV
 from cluster.simulated import SimulatedCluster
+from core.config import load_config
 from learner.distributed import free_port
-from tests.job_runs import assert_every_prompt_once, s3_server, steps_done, wait_for
+from tests.helpers import assert_every_prompt_once, s3_server, steps_done, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.multinode]
 
@@ -75,7 +75,7 @@ def once(condition, action):
             action()
         except BaseException as exc:  # noqa: BLE001 - re-raised by the check
             errors.append(exc)
-            os.kill(os.getpid(), signal.SIGTERM)  # stop the job, which would otherwise run its 500 steps
+            request_stop()  # stop the job, which would otherwise run its 500 steps
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -182,8 +182,8 @@ def test_workers_with_no_room_are_reported_the_job_trains_on_and_waits_for_a_nod
 
 
 def test_a_job_whose_workers_find_no_room_before_the_deadline_stops_with_a_checkpoint(nodes, tmp_path):
-    from actors.watchdog import JobHung
     from cluster.checkpoint import complete_checkpoints
+    from core.errors import JobHung
 
     generation_nodes(nodes, **{"generation-f": (2, 2)})
     check = after_step(tmp_path, 2, lambda: nodes.kill("generation-f"))
@@ -228,8 +228,8 @@ def test_a_lost_reward_node_brings_the_reward_replica_back_on_another(nodes, tmp
 
 def test_a_lost_learner_node_rebuilds_the_group_from_the_last_checkpoint_on_object_storage(nodes):
     """The checkpoints on S3: the rebuilt group, on another node, resumes from there."""
-    from cluster import storage
     from cluster.checkpoint import complete_checkpoints
+    from core import storage
 
     generation_nodes(nodes, **{"generation-h": (2, 2)})
     nodes.add("learner-c", 2, learner=1)

@@ -7,7 +7,7 @@ import pytest
 
 from cluster.cli import main
 from learner.distributed import free_port
-from tests.test_pipeline_ray import TINY
+from tests.helpers import TINY
 
 pytestmark = pytest.mark.ray
 

@@ -6,22 +6,10 @@ import json
 
 import pytest
 
-from cluster.cli import DEFAULT_CONFIG
-from cluster.config import load_config
-from cluster.job import train
-from learner.distributed import free_port
+from core.config import load_config
+from tests.helpers import TINY, run
 
 pytestmark = pytest.mark.ray
-
-TINY = DEFAULT_CONFIG.parent / "tiny.yaml"
-
-
-def run(tmp_path, *overrides):
-    cfg = load_config(TINY, [f"train.output_dir={tmp_path}", f"reward.port={free_port()}", *overrides])
-    summary = train(cfg)
-    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    return summary, steps
-
 
 # the third: the learner holds the reference and takes the workers' log-probs for its own (no forward
 # pass of its own before the update, no reference actor, no reference stage)

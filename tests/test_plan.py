@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import main
-from cluster.config import ConfigError, build_config
 from cluster.models import prepare_tiny
 from cluster.plan import learner_rank, model_shape
-from tests.test_learner import make_learner, rollouts
+from core.config import ConfigError, build_config
+from tests.helpers import make_learner, rollouts
 
 SHAPES = Path(__file__).parent.parent / "cluster" / "configs" / "shapes"
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from core.forward import logprobs_from_logits
 from learner.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -17,10 +18,9 @@ from learner.ppo_math import (
     entropy_from_logits,
     gae,
     grpo_advantages,
+    kl_k1,
     kl_k3,
     kl_penalty_returns,
-    kl_k1,
-    logprobs_from_logits,
     make_kl_controller,
     masked_mean,
     masked_var,
@@ -34,6 +34,8 @@ from learner.ppo_math import (
     value_loss,
     weighted_kl,
 )
+
+pytestmark = pytest.mark.pure
 
 NAN, INF = float("nan"), float("inf")
 

@@ -4,8 +4,16 @@ import json
 
 import pytest
 
-from reward_server.preferences import (PreferenceDataError, PreferencePair, conversation, load_preferences,
-                                       split_pairs, write_preferences)
+from core.preferences import (
+    PreferenceDataError,
+    PreferencePair,
+    conversation,
+    load_preferences,
+    split_pairs,
+    write_preferences,
+)
+
+pytestmark = pytest.mark.pure
 
 
 def write_jsonl(path, rows):

@@ -3,8 +3,12 @@ before anything new (oldest first), epochs reshuffle, and the data position surv
 
 import json
 
+import pytest
+
 from actors.prompt_ledger import PromptLedger
-from actors.prompts import Prompt
+from core.prompts import Prompt
+
+pytestmark = pytest.mark.pure
 
 PROMPTS = [Prompt(index=i, text=f"prompt {i}", token_ids=[1, i + 2]) for i in range(10)]
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from actors.prompts import PromptDataError, builtin_setbacks, load_prompts
-from cluster.config import DataConfig
 from cluster.models import prepare_tiny
+from core.config import DataConfig
+from core.prompts import PromptDataError, builtin_setbacks, load_prompts
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import pytest
 
 from reward_server.ratings import bootstrap_intervals, bradley_terry, win_rates
 
+pytestmark = pytest.mark.pure
+
 
 def test_two_players_rating_gap_is_the_log_odds_of_their_record():
     matches = [(0, 1, 0.0)] * 3 + [(0, 1, 1.0)]  # player 1 won 3 of 4

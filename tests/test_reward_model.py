@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from cluster.cli import main
-from cluster.config import RewardConfig, build_config
 from cluster.models import prepare_tiny
-from reward_server.preferences import PreferencePair
-from reward_server.reward_model import RewardModelTrainer, bradley_terry_loss, pair_accuracy
-from reward_server.scorers import RewardModelScorer, encode_conversations, response_mask
+from core.config import RewardConfig, build_config
+from core.preferences import PreferencePair
 from learner.distributed import free_port
+from learner.reward_model import RewardModelTrainer, bradley_terry_loss, pair_accuracy
+from reward_server.scorers import RewardModelScorer, encode_conversations, response_mask
 
 WORDS = "the a train bus day morning shop coffee rain friend walk phone keys queue ticket window".split()
 

@@ -7,12 +7,12 @@ import math
 
 import pytest
 
-from cluster.config import load_config
-from cluster.reward_modeling import best_of_n_command, make_preferences, train_rm_command, west_of_n_command
 from cluster.job import train
-from reward_server.preferences import load_preferences
+from cluster.reward_modeling import best_of_n_command, make_preferences, train_rm_command, west_of_n_command
+from core.config import load_config
+from core.preferences import load_preferences
 from learner.distributed import free_port
-from tests.test_pipeline_ray import TINY
+from tests.helpers import TINY
 
 pytestmark = pytest.mark.ray
 

@@ -11,10 +11,10 @@ import httpx
 import pytest
 from ray import serve
 
-from cluster.config import RewardConfig
+from core.config import RewardConfig
+from learner.distributed import free_port
 from reward_server.scorers import ScoringError, VaderScorer
 from reward_server.server import APP_NAME, reward_app, reward_url, start_reward_server
-from learner.distributed import free_port
 
 pytestmark = pytest.mark.ray
 

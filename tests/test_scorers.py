@@ -6,8 +6,14 @@ import re
 
 import pytest
 
-from reward_server.scorers import (FunctionScorer, RewardModelScorer, ScoringError, VaderScorer,
-                                   make_scorer, score_checked)
+from reward_server.scorers import (
+    FunctionScorer,
+    RewardModelScorer,
+    ScoringError,
+    VaderScorer,
+    make_scorer,
+    score_checked,
+)
 
 CHEERFUL = "What a wonderful idea, I love it and you will do great!"
 SAD = "That is terrible, I am so sorry, everything is awful and sad."

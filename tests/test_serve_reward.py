@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from cluster.cli import DEFAULT_CONFIG, main
-from reward_server.scorers import VaderScorer
 from learner.distributed import free_port
+from reward_server.scorers import VaderScorer
 
 TINY = DEFAULT_CONFIG.parent / "tiny.yaml"
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from actors.demonstrations import DemonstrationError, load_demonstrations
-from cluster.config import SFTConfig
 from cluster.models import prepare_tiny
+from core.config import SFTConfig
+from core.demonstrations import DemonstrationError, load_demonstrations
 from learner.sft import SFTTrainer, encode, run_sft, sft_loss
 
 NAN = float("nan")

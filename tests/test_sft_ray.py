@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cluster.cli import main
-from tests.test_pipeline_ray import TINY, run
+from tests.helpers import TINY, run
 
 pytestmark = pytest.mark.ray
 

@@ -1,4 +1,4 @@
-"""Outputs on storage URIs (cluster/storage.py), against a local S3-compatible server: what is written is
+"""Outputs on storage URIs (core/storage.py), against a local S3-compatible server: what is written is
 staged and uploaded whole, checkpoints are found and resumed from there, and a location that cannot be
 written is refused before anything starts, by the field's name."""
 
@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from cluster import checkpoint, storage
-from cluster.config import ConfigError
-from tests.job_runs import s3_server
+from cluster import checkpoint
+from core import storage
+from core.config import ConfigError
+from tests.helpers import s3_server
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,8 @@ def test_a_job_with_an_unwritable_output_uri_stops_before_ray_starts(s3):
     import ray
 
     from cluster.cli import DEFAULT_CONFIG
-    from cluster.config import load_config
     from cluster.job import train
+    from core.config import load_config
 
     started = ray.is_initialized()
     with pytest.raises(storage.StorageError, match="train.output_dir = s3://no-such-bucket/run"):
@@ -90,7 +91,7 @@ def test_run_metrics_on_a_uri_are_uploaded_and_a_resumed_run_appends_to_them(s3)
 
 def test_a_command_writes_its_output_to_a_uri_through_local_staging(s3):
     from cluster.cli import DEFAULT_CONFIG, staged_output
-    from cluster.config import load_config
+    from core.config import load_config
 
     cfg = load_config(DEFAULT_CONFIG, ["sft.output_dir=s3://runs/sft"])
     with staged_output(cfg, "sft") as local_cfg:

@@ -13,11 +13,11 @@ import torch
 
 from actors.generation import WeightsBehind
 from actors.prompt_ledger import PromptLedger
-from actors.prompts import Prompt
-from actors.rollout import Rollout
 from actors.rollout_stream import RolloutStream
-from actors.weights import publish_state_dict
 from actors.worker_pool import WorkerPool
+from core.prompts import Prompt
+from core.rollout import Rollout
+from core.weights import publish_state_dict
 
 pytestmark = pytest.mark.ray
 

@@ -5,18 +5,16 @@ import pytest
 import ray
 
 from actors.generation import GenerationWorker, WeightSyncError
-from actors.prompts import load_prompts
-from actors.weights import publish_state_dict
-from cluster.config import build_config
 from cluster.models import prepare_tiny
+from core.config import build_config
+from core.prompts import load_prompts
+from core.weights import publish_state_dict
 from learner.learner import LearnerSetup, PPOLearner
 from reward_server.scorers import VaderScorer
+from tests.helpers import LOGPROB_TOL, max_gap
 
 pytestmark = pytest.mark.ray
 
-# Both sides compute in float32 here, so the remaining gap is kernel order (vLLM's CPU attention and
-# oneDNN matmuls vs PyTorch's): measured below 1e-4; 2e-3 leaves room and still catches a stale weight.
-LOGPROB_TOL = 2e-3
 GREEDY_TOKENS = 12
 
 
@@ -49,10 +47,6 @@ def greedy_everywhere(workers, learner, prompts):
     outs = ray.get([w.generate.remote([(i, p) for i, p in enumerate(prompts)], 1, 0.0, GREEDY_TOKENS)
                     for w in workers])
     return [[r.response_ids for r in out] for out in outs], ray.get(learner.greedy.remote(prompts, GREEDY_TOKENS))
-
-
-def max_gap(a, b):
-    return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
 
 def test_broadcast_makes_workers_match_the_learner(setup):

@@ -6,11 +6,13 @@ import math
 import numpy as np
 import pytest
 
-from actors.prompts import Prompt
-from actors.rollout import Rollout
 from cluster.reward_modeling import flip_labels, label_pairs, pick_best
-from reward_server.preferences import PreferencePair
+from core.preferences import PreferencePair
+from core.prompts import Prompt
+from core.rollout import Rollout
 from reward_server.west_of_n import Candidate, best_and_worst, preference_probability, quantile, select_pairs
+
+pytestmark = pytest.mark.pure
 
 
 def c(text, reward, logprob=-1.0):

@@ -1,11 +1,11 @@
 """The config sections of the pipeline stages around PPO: preference data, reward-model training, SFT, DPO,
-Elo ratings, online RLHF and West-of-N. `RunConfig` (cluster/config.py) composes them with the PPO job's."""
+Elo ratings, online RLHF and West-of-N. `RunConfig` (core/config.py) composes them with the PPO job's."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.config_fields import AUTOCAST_HELP, DTYPES, opt
+from core.config_fields import AUTOCAST_HELP, DTYPES, opt
 
 
 @dataclass

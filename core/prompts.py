@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from core.errors import InputError
+
 if TYPE_CHECKING:
-    from cluster.config import DataConfig
+    from core.config import DataConfig
 
 BUILTIN_SETBACKS = "builtin:setbacks"
 
@@ -61,7 +63,7 @@ REQUESTS = [
 ]
 
 
-class PromptDataError(ValueError):
+class PromptDataError(InputError):
     """The prompt data cannot be used as it is; the message says which rows and what to do."""
 
 

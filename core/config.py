@@ -1,5 +1,5 @@
 """The run configuration: one typed dataclass per component, composed into `RunConfig`. The PPO job's
-sections are here, the other pipeline stages' in cluster/pipeline_config.py; every name is imported from here.
+sections are here, the other pipeline stages' in core/pipeline_config.py; every name is imported from here.
 
 A run is described by one YAML file plus dotted command-line overrides
 (`ppo.lr=2e-5 generation.num_workers=2`). Every field carries its help text and its allowed
@@ -18,9 +18,17 @@ from typing import Any
 
 import yaml
 
-from cluster.config_fields import AUTO_HELP, AUTOCAST_HELP, DTYPES, LOOPBACK, ConfigError, opt
-from cluster.pipeline_config import (DPOConfig, EloConfig, OnlineRLHFConfig, PreferenceConfig, RewardModelConfig,
-                                     SFTConfig, WestOfNConfig)
+from core.config_fields import AUTO_HELP, AUTOCAST_HELP, DTYPES, LOOPBACK, ConfigError, opt
+from core.pipeline_config import (
+    DPOConfig,
+    EloConfig,
+    OnlineRLHFConfig,
+    PreferenceConfig,
+    RewardModelConfig,
+    SFTConfig,
+    WestOfNConfig,
+)
+from core.specs import check_data_file, check_judge, check_model, check_scorer
 
 
 @dataclass
@@ -270,6 +278,7 @@ class RunConfig:
                 f"(train.prompts_per_step * generation.samples_per_prompt = "
                 f"{self.train.prompts_per_step * self.generation.samples_per_prompt}); lower it")
         self._check_learner_group()
+        self._check_specs()
         if self.ppo.ptx_coef > 0 and self.ppo.ptx_batch_size < self.ppo.num_learners:
             raise ConfigError(f"ppo.ptx_batch_size ({self.ppo.ptx_batch_size}) must be at least ppo.num_learners "
                               f"({self.ppo.num_learners}): every learner rank takes a share of each step's "
@@ -303,6 +312,26 @@ class RunConfig:
                 f"{self.generation.max_new_tokens}) exceeds generation.max_model_len "
                 f"({self.generation.max_model_len}); raise max_model_len or lower the others")
         return self
+
+    def check_ppo_job(self) -> None:
+        """What a PPO job (`rlhf train`, `chaos`, `online-rlhf`) needs beyond `validate`, which every stage needs;
+        `rlhf config` and `rlhf plan` describe the PPO job and refuse the same."""
+        if self.generation.top_p < 1.0:
+            raise ConfigError(f"generation.top_p = {self.generation.top_p} but PPO needs 1.0: the learner's log-probs "
+                              f"(the PPO ratio, the KL penalty, the off-policy weights) are of the whole distribution, "
+                              f"not of the nucleus the workers would sample from. top_p < 1 is for best-of-n, "
+                              f"make-preferences and west-of-n")
+
+    def _check_specs(self) -> None:
+        """Every scorer, judge and model the config names exists (core/specs.py), checked without loading it."""
+        check_model(self.model.path, "model.path")
+        check_model(self.rm.base, "rm.base")
+        for field, spec in [("reward.scorer", self.reward.scorer), ("train.gold_scorer", self.train.gold_scorer),
+                            ("preferences.labeller", self.preferences.labeller)]:
+            check_scorer(spec, field)
+        check_judge(self.elo.judge, "elo.judge")
+        check_data_file(self.data.path, "data.path")
+        check_data_file(self.data.eval_path, "data.eval_path")
 
     def _check_learner_group(self) -> None:
         """Every rank of a learner group must get rows of every minibatch (a rank with none would leave the

@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from actors.prompts import read_dataset, rows_report
-from reward_server.preferences import ROLES, BadRow, check_messages, check_text
+from core.errors import InputError
+from core.preferences import ROLES, BadRow, check_messages, check_text
+from core.prompts import read_dataset, rows_report
 
 if TYPE_CHECKING:
-    from cluster.config import SFTConfig
+    from core.config import SFTConfig
 
 
-class DemonstrationError(ValueError):
+class DemonstrationError(InputError):
     """The demonstrations cannot be used as they are; the message names the file, the rows and what to do."""
 
 

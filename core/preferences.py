@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from actors.prompts import read_dataset, rows_report
+from core.errors import InputError
+from core.prompts import read_dataset, rows_report
 
 FORMS = ("explicit", "conversation")
 ROLES = ("user", "assistant", "system")
@@ -22,7 +23,7 @@ HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
-class PreferenceDataError(ValueError):
+class PreferenceDataError(InputError):
     """The preference data cannot be used as it is; the message names the file, the rows and what to do."""
 
 

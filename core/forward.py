@@ -15,8 +15,7 @@ import contextlib
 
 import torch
 
-from actors.rollout import pad
-from learner.ppo_math import logprobs_from_logits
+from core.rollout import pad
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,6 +30,18 @@ def autocast(device: str | torch.device, dtype: str):
     if dtype == "none":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch_dtype(dtype))
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] for each position: logits (..., V), labels (...) -> (...).
+
+    log_softmax subtracts the row max before anything is rounded; the cheaper
+    logit[label] - logsumexp(logits) subtracts two large, separately rounded numbers and loses
+    digits (badly so in bf16). Labels must be valid token ids everywhere, padding included (use the
+    pad id there, not -100). Computed in the dtype of `logits`; memory is one (..., V) tensor.
+    """
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return logprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 def response_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
@@ -90,7 +101,7 @@ def load_causal_lm(path: str, dtype: str, device: str | torch.device):
     if gap > 0.05 * max(theirs.abs().max().item(), 1.0):
         raise ValueError(f"{type(model).__name__} ({path}) computes its logits in a way this project's forward "
                          f"does not reproduce (largest logit gap {gap:.3g}): a transform after its LM head that "
-                         f"learner/forward.py's after_head does not apply. Such models are not supported yet")
+                         f"core/forward.py's after_head does not apply. Such models are not supported yet")
     return model
 
 

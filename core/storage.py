@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from cluster.config import ConfigError
+from core.config import ConfigError
 
 log = logging.getLogger(__name__)
 

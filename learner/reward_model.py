@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from learner.forward import autocast, torch_dtype
-from learner.metrics import Progress
-from reward_server.preferences import PreferencePair
+from core.forward import autocast, torch_dtype
+from core.preferences import PreferencePair
+from core.progress import Progress
 from reward_server.scorers import configure_padding, conversation_rewards
 
 if TYPE_CHECKING:
-    from cluster.config import RewardModelConfig
+    from core.config import RewardModelConfig
 
 log = logging.getLogger(__name__)
 
