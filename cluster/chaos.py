@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -31,16 +30,17 @@ from pathlib import Path
 
 import ray
 
-from cluster.config import ConfigError, RunConfig, replace_section
+from core.config import ConfigError, RunConfig, replace_section
 
 log = logging.getLogger(__name__)
 
 KINDS = {"kill-worker": False, "hang-worker": True, "stop-reward": True, "kill-learner": False, "kill-node": False}
 DEFAULT_SCHEDULE = ["2:kill-worker", "4:hang-worker:20", "6:stop-reward:15", "8:kill-learner", "10:kill-node"]
-# The simulated cluster of `--simulate`: a head for the driver, spare room for every role a fault takes.
+# The simulated cluster of `--simulate`: a head for the driver, spare room for every role a fault takes (either
+# generation node holds both of the tiny job's workers and the reference, wherever Ray put them before the other died).
 SIMULATED_NODES = {"learner-a": (2, {"learner": 1}), "learner-b": (2, {"learner": 1}),
                    "generation-a": (3, {"generation": 2, "reference": 1}),
-                   "generation-b": (2, {"generation": 2, "reference": 1}),
+                   "generation-b": (3, {"generation": 2, "reference": 1}),
                    "reward-a": (1, {"reward": 1}), "reward-b": (1, {"reward": 1})}
 
 
@@ -170,8 +170,10 @@ class Schedule:
         except BaseException as exc:  # noqa: BLE001 - reported by `report`
             self.errors.append(exc)
         if not self.job_done:
+            from cluster.job import request_stop
+
             log.warning("chaos: the schedule is done; stopping the job (as `ray job stop` does)")
-            os.kill(os.getpid(), signal.SIGTERM)
+            request_stop()
 
     def _whole(self, record: dict, before: dict, fault: Fault) -> bool:
         """Whether the step of `record` shows the job whole after `fault`: begun after the fault ended, as many
@@ -235,8 +237,8 @@ def start_simulated():
 
 def chaos(cfg: RunConfig, specs: list[str], simulate: bool) -> list[Fault]:
     """Run the job `cfg` describes with the faults `specs`; print and write the report. Returns the faults."""
-    from cluster import storage
     from cluster.job import train
+    from core import storage
 
     faults = [Fault.parse(spec) for spec in specs or DEFAULT_SCHEDULE]
     if storage.is_uri(cfg.train.output_dir):
