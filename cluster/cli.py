@@ -26,7 +26,7 @@ from pathlib import Path
 
 from core.config import ConfigError, describe, load_config
 from core.errors import CannotPlace, InputError, JobHung
-from core.specs import check_model
+from core.specs import EMBEDDED_PREFIX, check_model
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
@@ -193,13 +193,15 @@ def plan(args) -> None:
             ([f"ppo.num_learners={args.learners}"] if args.learners is not None else [])
     cfg = load_config(args.config, [*args.overrides, *flags])
     cfg.check_ppo_job()
-    if args.model.startswith("embedded:"):
+    if args.model.startswith(EMBEDDED_PREFIX):
         check_model(args.model, "--model")
-    elif not (Path(args.model) / "config.json").is_file():
+        model = resolve_model(args.model)
+    elif (Path(args.model) / "config.json").is_file():
+        model = args.model
+    else:
         raise ConfigError(f"--model {args.model!r} holds no config.json (the model's shape is read from it); give an "
                           f"HF model directory, one of cluster/configs/shapes/, or embedded:<name>")
-    print(report(resolve_model(args.model) if args.model.startswith("embedded:") else args.model, cfg,
-                 cfg.ppo.num_learners, args.device_gib))
+    print(report(model, cfg, cfg.ppo.num_learners, args.device_gib))
 
 
 def config(args) -> None:

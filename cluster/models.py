@@ -39,12 +39,10 @@ def resolve_model(path: str) -> str:
     """Turn a config `model.path` into a local HF model directory, preparing embedded models."""
     if path.startswith(EMBEDDED_PREFIX):
         name = path[len(EMBEDDED_PREFIX):]
-        makers = {"smollm2-135m-instruct": prepare_smollm2, "tiny": prepare_tiny}
-        assert set(makers) == set(EMBEDDED_MODELS), "core/specs.py lists the embedded models the config accepts"
-        if name not in makers:
+        if name not in EMBEDDED_MODELS:
             raise ValueError(f"unknown embedded model {path!r}; choose one of "
-                             f"{', '.join(EMBEDDED_PREFIX + n for n in makers)} or give a local directory")
-        return str(makers[name]())
+                             f"{', '.join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)} or give a local directory")
+        return str({"smollm2-135m-instruct": prepare_smollm2, "tiny": prepare_tiny}[name]())
     local = Path(path).expanduser()
     if not (local / "config.json").is_file():
         raise FileNotFoundError(

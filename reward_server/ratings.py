@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reward_server.scorers import FunctionScorer, ScoringError, make_scorer, score_checked
+from core.specs import load_function
+from reward_server.scorers import ScoringError, make_scorer, score_checked
 
 ELO_SCALE = 400.0 / math.log(10.0)  # rating points per unit of the Bradley-Terry log-strength
 ANCHOR = 1000.0
@@ -105,7 +106,7 @@ class PairwiseJudge:
 
     def __init__(self, spec: str):
         self.spec = spec
-        self._function = FunctionScorer(spec)._function  # the same import and checks as a function scorer
+        self._function = load_function(spec)  # the same import and checks as a function scorer
 
     def __call__(self, prompts: list[str], a: list[str], b: list[str]) -> list[float]:
         out = []
