@@ -28,7 +28,7 @@ from pathlib import Path
 import ray
 
 from actors.generation import GenerationWorker
-from cluster.cli import DEFAULT_CONFIG
+from cluster.commands import DEFAULT_CONFIG
 from cluster.job import train
 from cluster.launch import launch_learners, start_ray
 from cluster.models import resolve_model

@@ -25,7 +25,7 @@ import urllib.request
 
 import ray
 
-from cluster.cli import DEFAULT_CONFIG
+from cluster.commands import DEFAULT_CONFIG
 from core.config import load_config, replace_section
 
 PUSHED = "PushedFromLocalPlasma"

@@ -23,7 +23,7 @@ import time
 import torch
 from benchmark import run_job  # bench/, this script's own folder
 
-from cluster.cli import DEFAULT_CONFIG
+from cluster.commands import DEFAULT_CONFIG
 from cluster.models import resolve_model
 from core.config import load_config
 from core.prompts import load_prompts

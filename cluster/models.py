@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from core.specs import EMBEDDED_MODELS, EMBEDDED_PREFIX
+from core.specs import EMBEDDED_PREFIX, check_model
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +35,14 @@ def cache_dir() -> Path:
     return path
 
 
-def resolve_model(path: str) -> str:
-    """Turn a config `model.path` into a local HF model directory, preparing embedded models."""
+def resolve_model(path: str, field: str = "model.path") -> str:
+    """Turn a config `model.path` (or another field of its forms, named by `field` in the error) into a local
+    HF model directory, preparing embedded models."""
+    check_model(path, field)
     if path.startswith(EMBEDDED_PREFIX):
         name = path[len(EMBEDDED_PREFIX):]
-        if name not in EMBEDDED_MODELS:
-            raise ValueError(f"unknown embedded model {path!r}; choose one of "
-                             f"{', '.join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)} or give a local directory")
         return str({"smollm2-135m-instruct": prepare_smollm2, "tiny": prepare_tiny}[name]())
-    local = Path(path).expanduser()
-    if not (local / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.path {path!r} is not a HF model directory (no config.json there). Give a local "
-            f"directory saved with save_pretrained, or `embedded:smollm2-135m-instruct`")
-    return str(local)
+    return str(Path(path).expanduser())
 
 
 def _is_ready(directory: Path) -> bool:

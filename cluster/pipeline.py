@@ -1,55 +1,185 @@
-"""The rest of the RLHF recipe around PPO: demonstrations, supervised fine-tuning, DPO and ratings of
-policies. Entry points of `rlhf make-demos`, `rlhf sft`, `rlhf dpo` and `rlhf elo`.
+"""The steps that the pipeline's commands (cluster/commands/) share: the policy and its prompts, a pool of
+generation workers and the reward server for the length of a command, gold-labelled preference pairs,
+preference files, reward-model training, scoring groups of samples and the held-out gold evaluation.
 
-`make-demos` is rejection-sampling fine-tuning's data step: the generation workers sample
-`sft.demo_samples` replies to each training prompt, the gold scorer (`train.gold_scorer`) judges them and
-the best reply becomes the prompt's demonstration. `sft` trains the policy on demonstrations in the job's
-own process (submit it with `ray job submit --entrypoint-num-gpus 1 ...` for a GPU) and writes an HF
-directory that `model.path` takes. `dpo` trains the policy on the preference pairs `train-rm` reads, with
-the reference log-probs computed first by the reference model, and judges the base and the result with
-the gold scorer on the held-out prompts.
+Each command starts (or joins) Ray, launches the generation workers it needs from the run config and stops
+them when done; models are trained in the command's own process (submit it with
+`ray job submit --entrypoint-num-gpus 1 ...` to train on a GPU node).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import statistics
+from contextlib import contextmanager
 from pathlib import Path
 
+from actors.worker_pool import WorkerPool, sample
+from cluster.launch import launch_pool, start_ray
 from cluster.models import resolve_model
-from cluster.reward_modeling import cycle, generation_workers, pick_best, policy_prompts, score_groups
-from core.config import ConfigError
-from learner.sft import run_sft
-from reward_server.scorers import make_scorer
+from core.preferences import PreferenceDataError, PreferencePair, load_preferences, split_pairs
+from core.progress import Progress
+from core.prompts import Prompt, load_prompts
+from core.rollout import Rollout
+from learner.reward_model import RewardModelTrainer
+from reward_server.client import RewardClient
+from reward_server.scorers import make_scorer, score_checked
+from reward_server.west_of_n import Candidate, mean_logprob
 
 log = logging.getLogger(__name__)
 
 
-def make_demos(cfg, out_path: str) -> str:
-    """`rlhf make-demos`: the gold-best of `sft.demo_samples` samples for `sft.num_demos` training prompts,
-    as prompt/response JSONL (with each demonstration's gold score and the mean gold score of its group)."""
-    sc = cfg.sft
-    model_path, train, _ = policy_prompts(cfg)
-    prompts = cycle(train, sc.num_demos, sc.seed)
-    gold = make_scorer(cfg.train.gold_scorer)
-    from actors.worker_pool import sample
+def policy_prompts(cfg) -> tuple[str, list[Prompt], list[Prompt]]:
+    """(model path, training prompts, held-out prompts) of the run config's policy and data."""
+    from transformers import AutoTokenizer
 
-    with generation_workers(cfg, model_path) as pool:
-        groups = sample(pool, prompts, sc.demo_samples, label=f"best-of-{sc.demo_samples} demonstrations")
-    scores = score_groups(gold, prompts, groups)
-    best = pick_best(scores, sc.demo_samples)
-    path = Path(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for prompt, group, group_scores, i in zip(prompts, groups, scores, best):
-            f.write(json.dumps({"prompt": prompt.text, "response": group[i].text, "gold": group_scores[i],
-                                "group_gold_mean": statistics.mean(group_scores)}, ensure_ascii=False) + "\n")
-    chosen = statistics.mean(s[i] for s, i in zip(scores, best))
-    sampled = statistics.mean(x for s in scores for x in s)
-    print(f"wrote {len(prompts)} demonstrations to {out_path}: gold score {chosen:+.3f} (best of "
-          f"{sc.demo_samples}) against {sampled:+.3f} for a single sample")
-    return out_path
+    model_path = resolve_model(cfg.model.path)
+    train, held_out = load_prompts(cfg.data, AutoTokenizer.from_pretrained(model_path))
+    return model_path, train, held_out
+
+
+@contextmanager
+def generation_workers(cfg, model_path: str):
+    """A pool of `generation.num_workers` workers of the policy at `model_path`, stopped on exit."""
+    start_ray(cfg.train)
+    pool = launch_pool(cfg, model_path)
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
+
+
+@contextmanager
+def reward_server(reward_cfg):
+    """The reward server on Serve, as the retrying client that training uses; shut down on exit."""
+    from ray import serve
+
+    from reward_server.server import APP_NAME, start_reward_server
+
+    try:
+        yield RewardClient(reward_cfg, APP_NAME, start_reward_server(reward_cfg))
+    finally:
+        serve.shutdown()
+
+
+def cycle(prompts: list[Prompt], count: int, seed: int) -> list[Prompt]:
+    """`count` prompts: the list shuffled by `seed`, repeated as often as needed."""
+    order = list(prompts)
+    random.Random(seed).shuffle(order)
+    return [order[i % len(order)] for i in range(count)]
+
+
+def label_pairs(prompts: list[Prompt], groups: list[list[Rollout]], labeller,
+                min_margin: float) -> tuple[list[PreferencePair], list[dict], int]:
+    """Pairs from the first two responses of each group, the one the labeller scores higher chosen.
+    Pairs whose scores differ by less than `min_margin`, or whose texts are equal, carry no preference
+    and are dropped. Returns (pairs, per-pair label columns, ties dropped)."""
+    firsts = [g[:2] for g in groups if len(g) >= 2]
+    texts = [p.text for p, g in zip(prompts, groups) if len(g) >= 2]
+    scores = score_checked(labeller, [t for t in texts for _ in (0, 1)], [r.text for g in firsts for r in g])
+    pairs, extra = [], []
+    for text, (a, b), sa, sb in zip(texts, firsts, scores[0::2], scores[1::2]):
+        if abs(sa - sb) < min_margin or a.text.strip() == b.text.strip():
+            continue
+        (win, s_win), (lose, s_lose) = sorted([(a, sa), (b, sb)], key=lambda x: -x[1])
+        pairs.append(PreferencePair(prompt=text, chosen=win.text, rejected=lose.text,
+                                    chosen_finished=win.finished, rejected_finished=lose.finished))
+        extra.append({"chosen_score": s_win, "rejected_score": s_lose, "flipped": False,
+                      "chosen_finished": win.finished, "rejected_finished": lose.finished})
+    return pairs, extra, len(firsts) - len(pairs)
+
+
+def flip_labels(pairs: list[PreferencePair], extra: list[dict], fraction: float, seed: int) -> int:
+    """Swap chosen and rejected in exactly round(`fraction` * len(pairs)) pairs picked by `seed`, in place:
+    annotators agree with each other only 60-75% of the time (Ouyang et al. 2022 report ~73%), so a
+    preference set labelled without noise would flatter the reward model. Returns how many were flipped."""
+    flips = random.Random(seed).sample(range(len(pairs)), round(fraction * len(pairs)))
+    for i in flips:
+        pair, e = pairs[i], extra[i]
+        pairs[i] = PreferencePair(prompt=pair.prompt, chosen=pair.rejected, rejected=pair.chosen,
+                                  chosen_finished=pair.rejected_finished, rejected_finished=pair.chosen_finished)
+        extra[i] = {"chosen_score": e["rejected_score"], "rejected_score": e["chosen_score"], "flipped": True,
+                    "chosen_finished": e.get("rejected_finished", True), "rejected_finished": e.get("chosen_finished", True)}
+    return len(flips)
+
+
+def gold_pairs(pool: WorkerPool, prompts: list[Prompt], count: int, labeller, flip_fraction: float,
+               min_margin: float, seed: int, label: str = "preference pairs") -> tuple[list[PreferencePair], list[dict]]:
+    """`count` labelled pairs of two fresh responses each (sampling again for the ties dropped), then
+    `flip_fraction` of them flipped."""
+    pairs, extra, round_ = [], [], 0
+    while len(pairs) < count:
+        # Ties are dropped, so ask for a quarter more than still needed.
+        want = max(8, int((count - len(pairs)) * 1.25))
+        chosen = cycle(prompts, want, seed + round_)
+        groups = sample(pool, chosen, 2, label=label)
+        new, new_extra, ties = label_pairs(chosen, groups, labeller, min_margin)
+        log.info("%s: %d pairs, %d ties dropped", label, len(new), ties)
+        pairs, extra, round_ = pairs + new, extra + new_extra, round_ + 1
+        if round_ > 20 and len(pairs) < count:
+            raise RuntimeError(f"{label}: after 20 rounds of sampling only {len(pairs)} of {count} pairs are not "
+                               f"ties; lower preferences.min_margin or use a more varied policy")
+    pairs, extra = pairs[:count], extra[:count]
+    flipped = flip_labels(pairs, extra, flip_fraction, seed)
+    log.info("%s: %d pairs, %d labels flipped", label, len(pairs), flipped)
+    return pairs, extra
+
+
+def load_pair_sets(pc) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, held-out) pairs of a PreferenceConfig; skipped bad rows are counted in the log."""
+    if not pc.path:
+        raise PreferenceDataError("preferences.path is empty: give a preference file (explicit or conversation "
+                                  "form), or make one with `rlhf make-preferences`")
+
+    def read(path):
+        found = load_preferences(path, form=pc.form, prompt_column=pc.prompt_column, chosen_column=pc.chosen_column,
+                                 rejected_column=pc.rejected_column, on_bad_row=pc.on_bad_row)
+        if found.skipped:
+            log.warning("%s: skipped %d bad rows (preferences.on_bad_row=skip), e.g. %s", path, len(found.skipped),
+                        "; ".join(found.skipped[:3]))
+        return found.pairs
+
+    if pc.eval_path:
+        return read(pc.path), read(pc.eval_path)
+    return split_pairs(read(pc.path), pc.eval_fraction, pc.seed)
+
+
+def train_reward_model(cfg, train_pairs: list[PreferencePair], eval_pairs: list[PreferencePair],
+                       output_dir: str) -> tuple[RewardModelTrainer, list[dict]]:
+    """Train a reward model on the pairs, save it to `output_dir` with its per-epoch metrics (`history.json`)."""
+    log.info("training a reward model on %d pairs (%d held out) -> %s", len(train_pairs), len(eval_pairs), output_dir)
+    trainer = RewardModelTrainer(resolve_model(cfg.rm.base, "rm.base"), cfg.rm)
+    history = trainer.train(train_pairs, eval_pairs)
+    trainer.save(output_dir)
+    (Path(output_dir) / "history.json").write_text(json.dumps(history, indent=1))
+    return trainer, history
+
+
+def score_groups(scorer, prompts: list[Prompt], groups: list[list[Rollout]], slice_size: int = 256
+                 ) -> list[list[float]]:
+    """The scorer's reward of every response, grouped like `groups` (scored in slices, with a progress line)."""
+    flat = [(p.text, r.text) for p, g in zip(prompts, groups) for r in g]
+    progress, scores = Progress(f"scoring with {scorer!r}", len(flat), "responses"), []
+    for start in range(0, len(flat), slice_size):
+        part = flat[start:start + slice_size]
+        scores += score_checked(scorer, [p for p, _ in part], [r for _, r in part], first_index=start)
+        progress.advance(len(part))
+    rewards = iter(scores)
+    return [[next(rewards) for _ in g] for g in groups]
+
+
+def west_of_n_candidates(prompts: list[Prompt], groups: list[list[Rollout]],
+                         scores: list[list[float]]) -> list[tuple[str, list[Candidate]]]:
+    """West-of-N's candidates: each prompt's samples with their scores and mean policy log-probs."""
+    return [(p.text, [Candidate(r.text, s, mean_logprob(r)) for r, s in zip(g, gs)])
+            for p, g, gs in zip(prompts, groups, scores)]
+
+
+def pick_best(scores: list[list[float]], n: int) -> list[int]:
+    """Per prompt, the index (among its first `n` responses) of the highest-scored one; first wins ties."""
+    return [max(range(min(n, len(s))), key=lambda i: s[i]) for s in scores]
 
 
 def held_out_gold(cfg, model_path: str, label: str) -> dict[str, float]:
@@ -63,103 +193,3 @@ def held_out_gold(cfg, model_path: str, label: str) -> dict[str, float]:
     scores = [s for group in score_groups(make_scorer(cfg.train.gold_scorer), held_out, groups) for s in group]
     return {"gold_reward_mean": statistics.mean(scores),
             "response_len": statistics.mean(len(r.response_ids) for g in groups for r in g)}
-
-
-def dpo_command(cfg) -> dict:
-    """`rlhf dpo`: DPO of `model.path` on `preferences.path`, saved to `dpo.output_dir`; held-out pair figures
-    per epoch, and the held-out gold reward of the base and of the result."""
-    from actors.reference import ReferenceModel
-    from cluster.reward_modeling import load_pair_sets
-    from core.config import ReferenceConfig
-    from learner.dpo import DPOTrainer, encode_pairs, with_reference
-
-    dc, pc = cfg.dpo, cfg.preferences
-    train_pairs, eval_pairs = load_pair_sets(pc)
-    model_path = resolve_model(cfg.model.path)
-    trainer = DPOTrainer(model_path, dc)
-    encoded = [encode_pairs(pairs, trainer.tokenizer, dc.max_length, source, pc.on_bad_row)
-               for pairs, source in [(train_pairs, pc.path), (eval_pairs, pc.eval_path or pc.path)]]
-    reference = ReferenceModel(model_path, ReferenceConfig(device=dc.device, threads=dc.threads), dtype=dc.dtype,
-                               autocast=dc.autocast)
-    train, held = (with_reference(pairs, reference) for pairs in encoded)
-    del reference
-    log.info("dpo: %d pairs, %d held out, beta %g -> %s", len(train), len(held), dc.beta, dc.output_dir)
-    history = trainer.train(train, held)
-    path = trainer.save(dc.output_dir)
-    del trainer
-    for h in history:
-        print(f"epoch {h['epoch']}: held-out loss {h['eval/loss']:.3f}, implicit-reward accuracy "
-              f"{h['eval/accuracy']:.3f}, margin {h['eval/margin']:+.3f}")
-    before, after = held_out_gold(cfg, model_path, "base"), held_out_gold(cfg, path, "dpo")
-    print(f"held-out gold reward ({cfg.train.gold_scorer}): {before['gold_reward_mean']:+.3f} before, "
-          f"{after['gold_reward_mean']:+.3f} after DPO\nDPO policy saved to {path} (use it with model.path={path})")
-    return {**history[-1], "gold_reward_before": before["gold_reward_mean"],
-            "gold_reward_after": after["gold_reward_mean"]}
-
-
-def sft_command(cfg) -> list[dict]:
-    """`rlhf sft`: fine-tune `model.path` on `sft.path`; print the held-out loss per epoch, then the held-out
-    gold reward of the base and of the result."""
-    model_path = resolve_model(cfg.model.path)
-    path, history = run_sft(model_path, cfg.sft)
-    for h in history:
-        trained = f"train loss {h['train/loss']:.3f}, " if "train/loss" in h else ""
-        print(f"epoch {h['epoch']}: {trained}held-out loss {h['eval/loss']:.3f} (perplexity "
-              f"{h['eval/perplexity']:.2f})")
-    before, after = held_out_gold(cfg, model_path, "base"), held_out_gold(cfg, path, "sft")
-    print(f"held-out gold reward ({cfg.train.gold_scorer}): {before['gold_reward_mean']:+.3f} before, "
-          f"{after['gold_reward_mean']:+.3f} after SFT")
-    print(f"\nfine-tuned policy saved to {path} (train from it with model.path={path})")
-    return history
-
-
-def elo_players(cfg, runs: list[str], named: list[str]) -> list[tuple[str, int, str, str]]:
-    """(name, training step, model directory, series) of each policy to rate: the base (`model.path`, step 0),
-    every complete checkpoint of each run directory, then each NAME=DIR given."""
-    from cluster.checkpoint import complete_checkpoints
-    from core import storage
-
-    players = [("base", 0, resolve_model(cfg.model.path), "base")]
-    for run in runs:
-        if storage.is_uri(run):
-            raise ConfigError(f"--run {run}: rate runs on a local or mounted path (the players are loaded by vLLM "
-                              f"from a directory); copy the run's checkpoints/ down first")
-        found = complete_checkpoints(run)
-        if not found:
-            raise ConfigError(f"{run} holds no complete checkpoint (checkpoints/step-*/ with meta.json); rate a run "
-                              f"that saved some (train.checkpoint_every), or name model directories with --player")
-        for path in found:
-            step = json.loads((Path(path) / "meta.json").read_text())["step"]
-            players.append((f"{Path(run).name}@{step}", step, str(Path(path) / "policy"), Path(run).name))
-    for spec in named:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"--player {spec!r} must be NAME=DIR with an HF model directory (config.json) at DIR")
-        players.append((name, 0, path, name))
-    return players
-
-
-def elo_command(cfg, runs: list[str], named: list[str]) -> dict:
-    """`rlhf elo`: each policy answers `elo.num_prompts` held-out prompts (one sample each, at
-    `train.eval_temperature`); every two play a match on every prompt, decided by `elo.judge`; prints the
-    ratings with 95% intervals and the win-rate matrix; writes ratings.json and ratings.png (rating against
-    training step) to `elo.output_dir`."""
-    from actors.worker_pool import sample
-    from reward_server.ratings import Ladder, make_judge
-
-    ec = cfg.elo
-    players = elo_players(cfg, runs, named)
-    if len(players) < 2:
-        raise ConfigError("rlhf elo needs at least one policy besides the base: give --run DIR or --player NAME=DIR")
-    _, _, held_out = policy_prompts(cfg)
-    prompts = cycle(held_out, ec.num_prompts, ec.seed)
-    ladder = Ladder(make_judge(ec.judge, cfg.train.gold_scorer, cfg.reward.scorer), [p.text for p in prompts])
-    for name, step, path, series in players:
-        with generation_workers(cfg, path) as pool:
-            groups = sample(pool, prompts, 1, cfg.train.eval_temperature, label=f"{name} responses")
-        ladder.add(name, step, [g[0].text for g in groups], series)
-    printed, result = ladder.write(ec.output_dir, ec.bootstrap, ec.seed)
-    print(f"\n{result['matches']} matches on {len(prompts)} held-out prompts, judged by {result['judge']}\n")
-    print(printed)
-    print(f"\nratings in {ec.output_dir}/ratings.json, plot in {ec.output_dir}/ratings.png")
-    return result

@@ -20,11 +20,13 @@ import yaml
 
 from core.config_fields import AUTO_HELP, AUTOCAST_HELP, DTYPES, LOOPBACK, ConfigError, opt
 from core.pipeline_config import (
+    BestOfNConfig,
     DPOConfig,
     EloConfig,
     OnlineRLHFConfig,
     PreferenceConfig,
     RewardModelConfig,
+    RMReportConfig,
     SFTConfig,
     WestOfNConfig,
 )
@@ -256,6 +258,8 @@ class RunConfig:
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     elo: EloConfig = dataclasses.field(default_factory=EloConfig)
     online: OnlineRLHFConfig = dataclasses.field(default_factory=OnlineRLHFConfig)
+    best_of_n: BestOfNConfig = dataclasses.field(default_factory=BestOfNConfig)
+    rm_report: RMReportConfig = dataclasses.field(default_factory=RMReportConfig)
 
     @property
     def reference_in_learner(self) -> bool:

@@ -1,5 +1,5 @@
 """The config sections of the pipeline stages around PPO: preference data, reward-model training, SFT, DPO,
-Elo ratings, online RLHF and West-of-N. `RunConfig` (core/config.py) composes them with the PPO job's."""
+Elo ratings, online RLHF, West-of-N, Best-of-N and the reward-modeling report. `RunConfig` (core/config.py) composes them with the PPO job's."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class PreferenceConfig:
     flip_fraction: float = opt(0.2, "share of generated labels flipped, like annotators who disagree", ge=0.0, lt=0.5)
     min_margin: float = opt(0.05, "generated pairs whose labeller scores differ by less are ties, dropped", ge=0.0)
     seed: int = opt(0, "seed of the eval split, the label flips and the generation order")
+    output_dir: str = opt("runs/preferences", "where `rlhf make-preferences` writes pairs.jsonl")
 
 
 @dataclass
@@ -126,3 +127,15 @@ class WestOfNConfig:
                              "-inf keeps all")
     rounds: int = opt(1, "self-training rounds: each round's reward model labels the next", ge=1, le=10)
     output_dir: str = opt("runs/west_of_n", "where each round's pairs and reward model go")
+
+
+@dataclass
+class BestOfNConfig:
+    n: int = opt(16, "`rlhf best-of-n`: samples per prompt; reward.scorer picks the best", ge=1, le=1024)
+
+
+@dataclass
+class RMReportConfig:
+    pairs: int = opt(256, "D, the gold-labelled pairs of the base reward model (and of each addition)", ge=2)
+    eval_pairs: int = opt(256, "held-out gold-labelled pairs every reward model is judged on", ge=2)
+    output_dir: str = opt("runs/rm_report", "where `rlhf rm-report` writes its pairs, models and results")

@@ -6,7 +6,7 @@ the best and the worst of them form a synthetic preference pair. Two filters fro
 pairs trustworthy: a confidence filter (keep pairs whose predicted preference probability
 sigmoid(r_best - r_worst) is in the top quantiles) and an in-distribution filter (drop responses the
 policy itself finds unlikely, whose reward-model scores are least reliable). Pure functions only;
-sampling and scoring happen in `cluster/reward_modeling.py`.
+sampling and scoring happen in `cluster/commands/west_of_n.py`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from cluster.cli import DEFAULT_CONFIG
+from cluster.commands import DEFAULT_CONFIG
 from core.config import PPOConfig, load_config
 from core.rollout import Rollout
 from learner.distributed import free_port
@@ -148,3 +148,10 @@ LOGPROB_TOL = 2e-3
 
 def max_gap(a, b):
     return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
+# every command that reads a run config, with the arguments it needs
+COMMAND_LINES = [["train"], ["chaos", "--simulate"], ["serve-reward"], ["make-demos"], ["sft"], ["make-preferences"],
+                 ["train-rm"], ["west-of-n"], ["best-of-n"], ["rm-report"], ["dpo"], ["online-rlhf"],
+                 ["elo", "--player", "a=b"], ["scale", "--workers", "2"], ["status"],
+                 ["plan", "--model", "embedded:tiny"], ["config"]]

@@ -7,7 +7,7 @@ import pytest
 import ray
 
 from cluster.chaos import KINDS, chaos
-from cluster.cli import DEFAULT_CONFIG
+from cluster.commands import DEFAULT_CONFIG
 from core.config import ConfigError, load_config
 from learner.distributed import free_port
 

@@ -4,8 +4,10 @@ import dataclasses
 
 import pytest
 
-from cluster.cli import DEFAULT_CONFIG, main
+from cluster.cli import main
+from cluster.commands import DEFAULT_CONFIG
 from core.config import ConfigError, build_config, load_config
+from tests.helpers import COMMAND_LINES
 
 pytestmark = pytest.mark.pure
 
@@ -181,8 +183,7 @@ def test_ppo_refuses_nucleus_sampling_with_the_reason(capsys, no_ray):
 def test_a_misspelt_scorer_judge_or_model_is_refused_by_every_command_before_anything_starts(override, says, capsys,
                                                                                              no_ray):
     field = override.split("=")[0]
-    for command in (["train"], ["config"], ["plan", "--model", "embedded:tiny"], ["best-of-n"], ["sft"], ["elo"],
-                    ["make-preferences"], ["chaos", "--simulate"]):
+    for command in COMMAND_LINES:
         assert main([*command, override]) == 2, command
         err = capsys.readouterr().err
         assert err.startswith(f"rlhf: {field} = ") and says in err, (command, err)

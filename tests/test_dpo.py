@@ -52,7 +52,7 @@ def test_a_reply_cut_off_at_the_length_limit_gets_no_eos_from_the_pair_file_to_t
     the policy to stop there. A flipped pair swaps the flags with the replies."""
     from transformers import AutoTokenizer
 
-    from cluster.reward_modeling import flip_labels
+    from cluster.pipeline import flip_labels
     from core.preferences import load_preferences, write_preferences
 
     tokenizer = AutoTokenizer.from_pretrained(str(prepare_tiny()))

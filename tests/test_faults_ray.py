@@ -17,7 +17,8 @@ import ray
 from ray import serve
 
 from cluster.checkpoint import complete_checkpoints
-from cluster.cli import DEFAULT_CONFIG, EXIT_HUNG, main
+from cluster.cli import EXIT_HUNG, main
+from cluster.commands import DEFAULT_CONFIG
 from cluster.control import CONTROL_NAME
 from cluster.job import train
 from core.config import load_config

@@ -13,7 +13,7 @@ import time
 import pytest
 import ray
 
-from cluster.cli import DEFAULT_CONFIG
+from cluster.commands import DEFAULT_CONFIG
 from cluster.control import CONTROL_NAME
 from cluster.job import request_stop, train
 from cluster.launch import ACTOR_ENV

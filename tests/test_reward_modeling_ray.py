@@ -7,12 +7,19 @@ import math
 
 import pytest
 
+from cluster.cli import main
+from cluster.commands.best_of_n import best_of_n
+from cluster.commands.train_rm import train_rm
+from cluster.commands.west_of_n import west_of_n
 from cluster.job import train
-from cluster.reward_modeling import best_of_n_command, make_preferences, train_rm_command, west_of_n_command
 from core.config import load_config
 from core.preferences import load_preferences
 from learner.distributed import free_port
 from tests.helpers import TINY
+
+
+def tiny_args(*overrides):
+    return ["--config", str(TINY), "generation.num_workers=1", f"reward.port={free_port()}", *overrides]
 
 pytestmark = pytest.mark.ray
 
@@ -24,8 +31,10 @@ def tiny(tmp_path, *overrides):
 
 
 def test_preferences_reward_model_and_west_of_n_from_the_workers(ray_session, tmp_path):
-    pairs_file = make_preferences(tiny(tmp_path, "preferences.num_pairs=10", "preferences.flip_fraction=0.2"),
-                                  str(tmp_path / "pairs.jsonl"))
+    # as a user runs it: the pairs go to <preferences.output_dir>/pairs.jsonl
+    assert main(["make-preferences", *tiny_args("preferences.num_pairs=10", "preferences.flip_fraction=0.2",
+                                                f"preferences.output_dir={tmp_path}")]) == 0
+    pairs_file = str(tmp_path / "pairs.jsonl")
     rows = [json.loads(line) for line in open(pairs_file)]
     assert len(rows) == 10 and sum(r["flipped"] for r in rows) == 2
     for r in rows:  # the labeller's preference, except where flipped on purpose
@@ -34,7 +43,7 @@ def test_preferences_reward_model_and_west_of_n_from_the_workers(ray_session, tm
 
     cfg = tiny(tmp_path, f"preferences.path={pairs_file}", "preferences.eval_fraction=0.3",
                "west_of_n.num_prompts=6", "west_of_n.n=3", "west_of_n.quantile=0.5", "west_of_n.min_logprob=-.inf")
-    final = train_rm_command(cfg)
+    final = train_rm(cfg)
     assert (tmp_path / "rm" / "config.json").exists() and 0.0 <= final["eval/accuracy"] <= 1.0
 
     # PPO against the learned reward model: the server serves it, and the held-out evaluation reports
@@ -48,7 +57,7 @@ def test_preferences_reward_model_and_west_of_n_from_the_workers(ray_session, tm
     for s in evals:
         assert math.isfinite(s["eval/proxy_reward_mean"]) and s["eval/proxy_reward_mean"] != s["eval/gold_reward_mean"]
 
-    (result,) = west_of_n_command(cfg)
+    (result,) = west_of_n(cfg)
     synthetic = load_preferences(str(tmp_path / "won" / "round-1" / "pairs.jsonl")).pairs
     # 6 prompts, at most one pair each, the less confident half dropped
     assert len(synthetic) == result["west_of_n/pairs"] and 1 <= len(synthetic) <= 3
@@ -56,18 +65,19 @@ def test_preferences_reward_model_and_west_of_n_from_the_workers(ray_session, tm
 
 
 def test_best_of_n_picks_what_the_reward_server_scores_highest(ray_session, tmp_path):
-    result = best_of_n_command(tiny(tmp_path, "reward.scorer=vader"), n=4, texts=[])
+    result = best_of_n(tiny(tmp_path, "reward.scorer=vader", "best_of_n.n=4"), texts=[])
     # the reward server is the gold scorer here, so its best of 4 can only beat one sample
     assert result["best_of_n/gold_reward"] >= result["one_sample/gold_reward"]
     assert math.isfinite(result["best_of_n/gold_reward"])
 
 
 def test_rm_report_trains_the_four_reward_models_and_prints_the_table(ray_session, tmp_path, capsys):
-    from cluster.rm_report import BEST_OF, report
+    from cluster.commands.rm_report import BEST_OF, report
 
     cfg = tiny(tmp_path, "west_of_n.num_prompts=12", "west_of_n.n=4", "west_of_n.quantile=0.5",
-               "west_of_n.min_logprob=-.inf")
-    results = report(cfg, num_pairs=6, num_eval_pairs=6, out=str(tmp_path / "report"))
+               "west_of_n.min_logprob=-.inf", "rm_report.pairs=6", "rm_report.eval_pairs=6",
+               f"rm_report.output_dir={tmp_path / 'report'}")
+    results = report(cfg)
     sizes = results["train_pairs"]
     # (b) and (d) add at most D West-of-N pairs, (c) exactly D more gold ones
     assert sizes["a"] == 6 and sizes["c"] == 12 and 6 < sizes["b"] <= 12 and 6 < sizes["d"] <= 12

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.cli import DEFAULT_CONFIG, main
+from cluster.cli import main
+from cluster.commands import DEFAULT_CONFIG
 from learner.distributed import free_port
 from reward_server.scorers import VaderScorer
 

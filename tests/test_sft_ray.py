@@ -15,7 +15,9 @@ pytestmark = pytest.mark.ray
 
 def test_demos_from_the_policy_train_an_sft_model_that_ppo_starts_from(ray_session, tmp_path, capsys):
     demos = tmp_path / "demos.jsonl"
-    assert main(["make-demos", "--config", str(TINY), "--out", str(demos), "sft.num_demos=6", "sft.demo_samples=3"]) == 0
+    # written to <sft.output_dir>/demos.jsonl
+    assert main(["make-demos", "--config", str(TINY), f"sft.output_dir={tmp_path}", "sft.num_demos=6",
+                 "sft.demo_samples=3"]) == 0
     rows = [json.loads(line) for line in demos.read_text().splitlines()]
     assert len(rows) == 6 and all(r["prompt"] and "response" in r for r in rows)
     assert all(r["gold"] >= r["group_gold_mean"] for r in rows)  # the best of its group

@@ -66,7 +66,7 @@ def test_a_location_that_cannot_be_written_is_refused_by_its_field(s3, tmp_path)
 def test_a_job_with_an_unwritable_output_uri_stops_before_ray_starts(s3):
     import ray
 
-    from cluster.cli import DEFAULT_CONFIG
+    from cluster.commands import DEFAULT_CONFIG
     from cluster.job import train
     from core.config import load_config
 
@@ -90,7 +90,7 @@ def test_run_metrics_on_a_uri_are_uploaded_and_a_resumed_run_appends_to_them(s3)
 
 
 def test_a_command_writes_its_output_to_a_uri_through_local_staging(s3):
-    from cluster.cli import DEFAULT_CONFIG, staged_output
+    from cluster.commands import DEFAULT_CONFIG, staged_output
     from core.config import load_config
 
     cfg = load_config(DEFAULT_CONFIG, ["sft.output_dir=s3://runs/sft"])

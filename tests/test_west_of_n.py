@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from cluster.reward_modeling import flip_labels, label_pairs, pick_best
+from cluster.pipeline import flip_labels, label_pairs, pick_best
 from core.preferences import PreferencePair
 from core.prompts import Prompt
 from core.rollout import Rollout

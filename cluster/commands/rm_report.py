@@ -20,31 +20,46 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from actors.worker_pool import sample
-from cluster.reward_modeling import (
-    cycle,
-    generation_workers,
-    gold_pairs,
-    pick_best,
-    policy_prompts,
-    reward_server,
-    score_groups,
-    train_reward_model,
-    west_of_n_candidates,
-)
-from core.preferences import write_preferences
-from reward_server.scorers import make_scorer
-from reward_server.west_of_n import select_pairs
+from cluster.commands import config_arguments, deprecated, load, staged_output
+
+HELP = "does West-of-N help the reward model, and how far does Best-of-N get? (one run, one table)"
 
 log = logging.getLogger(__name__)
 
 BEST_OF = (1, 4, 16)
 
 
-def report(cfg, num_pairs: int, num_eval_pairs: int, out: str) -> dict:
+def add_arguments(parser) -> None:
+    config_arguments(parser)
+    deprecated(parser, "--pairs", "rm_report.pairs")
+    deprecated(parser, "--eval-pairs", "rm_report.eval_pairs")
+    deprecated(parser, "--out", "rm_report.output_dir")
+
+
+def run(args) -> None:
+    with staged_output(load(args), "rm_report") as cfg:
+        report(cfg)
+
+
+def report(cfg) -> dict:
+    from actors.worker_pool import sample
+    from cluster.pipeline import (
+        cycle,
+        generation_workers,
+        gold_pairs,
+        policy_prompts,
+        reward_server,
+        score_groups,
+        train_reward_model,
+        west_of_n_candidates,
+    )
+    from core.preferences import write_preferences
+    from reward_server.scorers import make_scorer
+    from reward_server.west_of_n import select_pairs
+
     start = time.perf_counter()
     pc, wn = cfg.preferences, cfg.west_of_n
-    out_dir = Path(out)
+    num_pairs, num_eval_pairs, out_dir = cfg.rm_report.pairs, cfg.rm_report.eval_pairs, Path(cfg.rm_report.output_dir)
     model_path, train_prompts, held_out = policy_prompts(cfg)
     gold = make_scorer(cfg.train.gold_scorer)
     won_prompts = cycle(train_prompts, max(wn.num_prompts, num_pairs), pc.seed + 1)
@@ -96,6 +111,8 @@ def report(cfg, num_pairs: int, num_eval_pairs: int, out: str) -> dict:
 
 def bon_scores(scores: list[list[float]], gold_scores: list[list[float]]) -> dict[int, float]:
     """Mean gold reward of the response that `scores` rank best among the first N samples, for each N."""
+    from cluster.pipeline import pick_best
+
     return {n: statistics.mean(g[i] for g, i in zip(gold_scores, pick_best(scores, n))) for n in BEST_OF}
 
 

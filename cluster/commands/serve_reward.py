@@ -3,36 +3,47 @@ over HTTP (or through a Serve handle on the same Ray cluster).
 
 Same scorer specs, security defaults and limits as inside a training job: it listens on loopback unless
 `reward.host` says otherwise, and then only with `reward.auth_token`. It runs on a local Ray it starts,
-or joins a cluster (`--address`, or RAY_ADDRESS), and stops cleanly on Ctrl-C or SIGTERM: the app is
+or joins a cluster (`--address`, train.ray_address or RAY_ADDRESS), and stops cleanly on Ctrl-C or SIGTERM: the app is
 deleted, and a Ray it started is shut down.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import threading
 
-from cluster.launch import start_ray
+from cluster.commands import config_arguments, load, ray_arguments
 from core.config import RunConfig
+
+HELP = "the reward server alone, over HTTP, until Ctrl-C or SIGTERM"
 
 # Not the training job's app name, so that a server started this way and a job's own reward server can
 # share a cluster (each needs its own reward.route_prefix and port then).
 APP_NAME = "reward-server"
 
 
-def serve_reward(cfg: RunConfig, address: str = "") -> None:
+def add_arguments(parser) -> None:
+    ray_arguments(parser)
+    config_arguments(parser)
+
+
+def run(args) -> None:
+    serve_reward(load(args))
+
+
+def serve_reward(cfg: RunConfig) -> None:
     """Serve `reward.scorer` until Ctrl-C or SIGTERM."""
     import ray
     from ray import serve
 
+    from cluster.launch import start_ray
     from reward_server.server import reward_url, start_reward_server
 
     stop, previous = threading.Event(), {}
-    joined = bool(address or cfg.train.ray_address or os.environ.get("RAY_ADDRESS"))
+    joined = bool(cfg.train.ray_address or os.environ.get("RAY_ADDRESS"))
     try:
-        start_ray(dataclasses.replace(cfg.train, ray_address=address or cfg.train.ray_address))
+        start_ray(cfg.train)
         # After Ray's start, which sets handlers of its own for these signals.
         previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         start_reward_server(cfg.reward, name=APP_NAME)

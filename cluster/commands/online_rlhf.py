@@ -16,17 +16,30 @@ import logging
 import statistics
 from pathlib import Path
 
-from cluster.job import train
-from cluster.reward_modeling import generation_workers, gold_pairs, load_pair_sets, policy_prompts, train_reward_model
+from cluster.commands import config_arguments, load, staged_output
 from core.config import replace_section
 from core.preferences import PreferencePair, split_pairs, write_preferences
-from reward_server.scorers import RewardModelScorer, make_scorer, score_checked
+
+HELP = "iterated online RLHF: PPO rounds, each followed by fresh pairs and a retrained reward model"
 
 log = logging.getLogger(__name__)
 
 
+def add_arguments(parser) -> None:
+    config_arguments(parser)
+
+
+def run(args) -> None:
+    cfg = load(args)
+    cfg.check_ppo_job()
+    with staged_output(cfg, "online") as staged:
+        online_rlhf(staged)
+
+
 def pair_accuracy(scorer, pairs: list[PreferencePair]) -> float:
     """The share of pairs whose chosen reply the scorer scores above the rejected one."""
+    from reward_server.scorers import score_checked
+
     prompts = [p.prompt for p in pairs]
     chosen = score_checked(scorer, prompts, [p.chosen for p in pairs])
     rejected = score_checked(scorer, prompts, [p.rejected for p in pairs])
@@ -36,6 +49,9 @@ def pair_accuracy(scorer, pairs: list[PreferencePair]) -> float:
 def _policy_pairs(cfg, model_path: str, count: int, seed: int, label: str):
     """`count` pairs of two samples of the policy at `model_path`, labelled by `preferences.labeller`, split
     into (train, held-out) by `online.eval_fraction`."""
+    from cluster.pipeline import generation_workers, gold_pairs, policy_prompts
+    from reward_server.scorers import make_scorer
+
     pc = cfg.preferences
     _, prompts, _ = policy_prompts(cfg)
     with generation_workers(cfg, model_path) as pool:
@@ -44,9 +60,13 @@ def _policy_pairs(cfg, model_path: str, count: int, seed: int, label: str):
     return split_pairs(pairs, cfg.online.eval_fraction, seed)
 
 
-def online_rlhf_command(cfg) -> list[dict]:
-    """`rlhf online-rlhf`: `online.rounds` rounds; per round the PPO figures, the reward model's accuracy on
-    the current policy's pairs and the proxy against the gold reward, in `online.output_dir/rounds.json`."""
+def online_rlhf(cfg) -> list[dict]:
+    """`online.rounds` rounds; per round the PPO figures, the reward model's accuracy on the current policy's
+    pairs and the proxy against the gold reward, in `online.output_dir/rounds.json`."""
+    from cluster.job import train
+    from cluster.pipeline import load_pair_sets, policy_prompts, train_reward_model
+    from reward_server.scorers import RewardModelScorer
+
     oc, out = cfg.online, Path(cfg.online.output_dir)
     model_path = policy_prompts(cfg)[0]
     if cfg.preferences.path:
