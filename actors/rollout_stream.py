@@ -162,18 +162,12 @@ class RolloutStream:
         for chunk in [c for c in self.scoring_only if self.reward.done(c.scores)]:
             self.scoring_only.remove(chunk)
             self._scored(chunk, None)
-        waiting = list(self.generating) + list(self.scoring) + self.pool.waiting()
-        if waiting:
-            for ref in ray.wait(waiting, num_returns=len(waiting), timeout=timeout)[0]:
-                if ref in self.generating:
-                    self._generated(self.generating.pop(ref), ref)
-                elif ref in self.scoring:
-                    self._scored(self.scoring.pop(ref), ref)
-                else:
-                    self.pool.settle(ref)
-            self._dispatch()
-        else:
-            time.sleep(timeout)
+        for ref in self.pool.wait([*self.generating, *self.scoring], timeout):
+            if ref in self.generating:
+                self._generated(self.generating.pop(ref), ref)
+            else:
+                self._scored(self.scoring.pop(ref), ref)
+        self._dispatch()
         self.watchdog.check(waiting_since)
 
     def _in_flight(self) -> int:

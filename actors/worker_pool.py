@@ -125,6 +125,22 @@ class WorkerPool:
             self.joined[i].update(first_version=rollouts[0].version, current_version=version)
         return rollouts
 
+    def wait(self, calls: list[ray.ObjectRef], timeout: float) -> list[ray.ObjectRef]:
+        """Wait up to `timeout` s for the caller's calls in flight (its `generate` calls and any others of its
+        own); returns those that finished. The pool's own calls (a worker loading weights or coming back) are
+        settled here. The one wait of every loop that hands prompts to the workers."""
+        refs = [*calls, *self.waiting()]
+        if not refs:  # every worker is on its way back; nothing to wait on yet
+            time.sleep(timeout)
+            return []
+        mine, finished = set(calls), []
+        for ref in ray.wait(refs, num_returns=len(refs), timeout=timeout)[0]:
+            if ref in mine:
+                finished.append(ref)
+            else:
+                self.settle(ref)
+        return finished
+
     def _is_current(self, i: int, actor) -> bool:
         """Whether `actor` still is worker i (not removed, not replaced since the call was sent)."""
         return i in self.workers and self.workers[i] == actor
@@ -365,14 +381,7 @@ def sample(pool: WorkerPool, prompts: list[Prompt], samples_per_prompt: int, tem
             running[ref] = (i, positions)
         pool.poll()
         pool.watchdog.check(waiting_since)
-        refs = list(running) + pool.waiting()
-        if not refs:  # every worker is on its way back; nothing to wait on yet
-            time.sleep(0.05)
-            continue
-        for ref in ray.wait(refs, num_returns=1, timeout=0.5)[0]:
-            if ref not in running:
-                pool.settle(ref)
-                continue
+        for ref in pool.wait(list(running), timeout=0.05):
             _, positions = running.pop(ref)
             rollouts = pool.collect(ref)
             if rollouts is None:

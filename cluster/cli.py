@@ -34,7 +34,6 @@ def parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, description=(module.__doc__ or module.HELP).strip(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(command)
-        command.set_defaults(run=module.run)
     return top
 
 
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        args.run(args)
+        command_module(args.command).run(args)
     except InputError as exc:
         print(f"rlhf: {exc}", file=sys.stderr)
         return 2

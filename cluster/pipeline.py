@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import statistics
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -183,13 +182,12 @@ def pick_best(scores: list[list[float]], n: int) -> list[int]:
 
 
 def held_out_gold(cfg, model_path: str, label: str) -> dict[str, float]:
-    """The gold scorer's mean on `train.eval_samples` samples per held-out prompt from the policy at
-    `model_path`, at `train.eval_temperature` (as a PPO job's evaluation samples)."""
-    from actors.worker_pool import sample
+    """The held-out evaluation of a PPO job (learner/evaluation.py) of the policy at `model_path`: its gold
+    reward (`eval/gold_reward_mean`), reply length and share of finished replies."""
+    from learner.evaluation import judge_held_out
 
     _, _, held_out = policy_prompts(cfg)
     with generation_workers(cfg, model_path) as pool:
-        groups = sample(pool, held_out, cfg.train.eval_samples, cfg.train.eval_temperature, label=f"{label} samples")
-    scores = [s for group in score_groups(make_scorer(cfg.train.gold_scorer), held_out, groups) for s in group]
-    return {"gold_reward_mean": statistics.mean(scores),
-            "response_len": statistics.mean(len(r.response_ids) for g in groups for r in g)}
+        judged = judge_held_out(pool, held_out, make_scorer(cfg.train.gold_scorer), cfg.train.eval_samples,
+                                cfg.train.eval_temperature, label=f"{label} samples")
+    return judged.figures()

@@ -169,21 +169,41 @@ def shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     return firsts.scatter_reduce(0, rows, torch.arange(len(rows), device=rows.device), "amin"), rows
 
 
+def padded_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor, *,
+                    temperature: float = 1.0, autocast_dtype: str = "none", forward=response_forward
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(log-prob (B, T) of each response token in float32, what `forward` returns beside the logits (the value
+    head's values, or the trunk's hidden states), the logits (B, T, V)) of a left-padded batch whose last T
+    positions are `response_ids` (B, T). `forward(model, input_ids, attention_mask, response_len, temperature)`
+    runs the model (default: `response_forward` on an HF causal LM). The one forward of every log-prob: the
+    learner's update, the reference's, SFT's and DPO's."""
+    device = next(model.parameters()).device
+    with autocast(device, autocast_dtype):
+        logits, extra = forward(model, input_ids.to(device), attention_mask.to(device), response_ids.shape[1],
+                                temperature)
+    return logprobs_from_logits(logits, response_ids.to(device)), extra, logits
+
+
+def reply_logprobs(model, examples: list[tuple[list[int], list[int]]], pad_id: int, autocast_dtype: str = "none",
+                   temperature: float = 1.0, forward=response_forward) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each reply token (B, T), mask (B, T)) of (prompt ids, reply ids) rows under `model`."""
+    input_ids, attention_mask, reply_ids, mask = pad([p for p, _ in examples], [r for _, r in examples], pad_id)
+    logprobs, _, _ = padded_logprobs(model, input_ids, attention_mask, reply_ids, temperature=temperature,
+                                     autocast_dtype=autocast_dtype, forward=forward)
+    return logprobs, mask.to(logprobs.device)
+
+
 @torch.no_grad()
 def token_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: int,
                    temperature: float = 1.0, autocast_dtype: str = "none",
-                   micro_batch: int = 16, forward=None) -> list[list[float]]:
-    """log pi(token) of every response token under `model`, one list per row (no gradient). `forward(model,
-    input_ids, attention_mask, response_len, temperature)` -> (logits, _) runs the model (default:
-    response_forward)."""
-    forward = forward or response_forward
-    device = next(model.parameters()).device
+                   micro_batch: int = 16, forward=response_forward) -> list[list[float]]:
+    """log pi(token) of every response token under `model`, one list per row (no gradient), `micro_batch`
+    rows a forward (`reply_logprobs`)."""
     out: list[list[float]] = []
     for start in range(0, len(prompt_ids), micro_batch):
-        prompts, responses = prompt_ids[start:start + micro_batch], response_ids[start:start + micro_batch]
-        input_ids, attention_mask, labels, _ = pad(prompts, responses, pad_id)
-        with autocast(device, autocast_dtype):
-            logits, _ = forward(model, input_ids.to(device), attention_mask.to(device), labels.shape[1], temperature)
-        lp = logprobs_from_logits(logits, labels.to(device)).cpu()
-        out += [lp[i, :len(r)].tolist() for i, r in enumerate(responses)]
+        responses = response_ids[start:start + micro_batch]
+        logprobs, _ = reply_logprobs(model, list(zip(prompt_ids[start:start + micro_batch], responses)), pad_id,
+                                     autocast_dtype, temperature, forward)
+        logprobs = logprobs.cpu()
+        out += [logprobs[i, :len(r)].tolist() for i, r in enumerate(responses)]
     return out

@@ -30,7 +30,23 @@ class PreferenceConfig:
 
 
 @dataclass
-class RewardModelConfig:
+class TrainerFields:
+    """The fields of every model a command trains in its own process (learner/trainer.py), shared by the rm,
+    sft and dpo sections; each section sets its own learning rate, epochs, batch size and length."""
+    lr: float = opt(1e-5, "AdamW learning rate", gt=0.0, lt=1.0)
+    epochs: int = opt(1, "passes over the training set", ge=1, le=100)
+    batch_size: int = opt(8, "examples per optimiser step", ge=1)
+    max_length: int = opt(256, "longest prompt (chat template) + reply, tokens", ge=16)
+    max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0.0)
+    dtype: str = opt("float32", "weight dtype while training", choices=DTYPES)
+    autocast: str = opt("auto", AUTOCAST_HELP, choices=("auto", "none") + DTYPES)
+    device: str = opt("cpu", "training device", choices=("cpu", "cuda"))
+    threads: int = opt(2, "torch CPU threads", ge=1)
+    seed: int = opt(0, "seed of the initialisation, the batch order and the held-out split")
+
+
+@dataclass
+class RewardModelConfig(TrainerFields):
     base: str = opt("embedded:smollm2-135m-instruct", "LM under the scalar head (same forms as model.path)")
     output_dir: str = opt("runs/reward_model", "where the trained reward model (an HF directory) is saved")
     lr: float = opt(2e-5, "AdamW learning rate of the LM", gt=0.0, lt=1.0)
@@ -43,16 +59,10 @@ class RewardModelConfig:
                           "deep); 0 = all", ge=0)
     pooling: str = opt("last", "where the scalar head reads: `last` token (transformers' default) or `mean` "
                        "over the response tokens", choices=("last", "mean"))
-    max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0.0)
-    dtype: str = opt("float32", "weight dtype while training", choices=DTYPES)
-    autocast: str = opt("auto", AUTOCAST_HELP, choices=("auto", "none") + DTYPES)
-    device: str = opt("cpu", "training device", choices=("cpu", "cuda"))
-    threads: int = opt(2, "torch CPU threads", ge=1)
-    seed: int = opt(0, "seed of the head initialisation and the batch order")
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(TrainerFields):
     path: str = opt("", "demonstrations (JSONL/JSON/Parquet/CSV or a Hub dataset): prompt/response columns, or a "
                         "messages column of role/content dialogues ending with the assistant's reply")
     eval_path: str = opt("", "held-out demonstrations; empty = hold out sft.eval_fraction of sft.path")
@@ -63,15 +73,8 @@ class SFTConfig:
     on_bad_row: str = opt("error", "a bad row (empty, missing reply, too long): `error` names them all; `skip` "
                                    "trains without them", choices=("error", "skip"))
     max_length: int = opt(256, "longest demonstration, prompt (chat template) + reply tokens", ge=16)
-    lr: float = opt(1e-5, "AdamW learning rate", gt=0.0, lt=1.0)
     epochs: int = opt(2, "passes over the demonstrations", ge=1, le=100)
     batch_size: int = opt(8, "demonstrations per optimiser step", ge=1)
-    max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0.0)
-    dtype: str = opt("float32", "weight dtype while training", choices=DTYPES)
-    autocast: str = opt("auto", AUTOCAST_HELP, choices=("auto", "none") + DTYPES)
-    device: str = opt("cpu", "training device", choices=("cpu", "cuda"))
-    threads: int = opt(2, "torch CPU threads", ge=1)
-    seed: int = opt(0, "seed of the batch order and the held-out split")
     output_dir: str = opt("runs/sft", "where the fine-tuned policy (an HF directory for model.path) is saved")
     demo_samples: int = opt(8, "rlhf make-demos: samples per training prompt; the gold scorer's best is kept",
                             ge=1, le=64)
@@ -79,18 +82,12 @@ class SFTConfig:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(TrainerFields):
     beta: float = opt(0.1, "DPO's beta: the strength of the implicit KL to the reference (larger = closer)", gt=0.0)
     lr: float = opt(5e-6, "AdamW learning rate", gt=0.0, lt=1.0)
     epochs: int = opt(1, "passes over the preference pairs (preferences.path)", ge=1, le=100)
     batch_size: int = opt(8, "pairs per optimiser step", ge=1)
     max_length: int = opt(256, "longest prompt (chat template) + reply, tokens, of either reply of a pair", ge=16)
-    max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0.0)
-    dtype: str = opt("float32", "weight dtype while training", choices=DTYPES)
-    autocast: str = opt("auto", AUTOCAST_HELP, choices=("auto", "none") + DTYPES)
-    device: str = opt("cpu", "training device", choices=("cpu", "cuda"))
-    threads: int = opt(2, "torch CPU threads", ge=1)
-    seed: int = opt(0, "seed of the batch order")
     output_dir: str = opt("runs/dpo", "where the DPO policy (an HF directory for model.path) is saved")
 
 

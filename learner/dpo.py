@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from actors.reference import ReferenceModel
 from core.demonstrations import raise_or_skip
 from core.preferences import PreferenceDataError, PreferencePair
-from learner.sft import Trainer, encode_reply, reply_logprobs
+from core.forward import reply_logprobs
+from learner.sft import encode_reply, load_policy
+from learner.trainer import Trainer
 
 if TYPE_CHECKING:
     from core.config import DPOConfig
@@ -74,6 +76,10 @@ def with_reference(pairs: list[tuple[list[int], list[int], list[int]]], referenc
 class DPOTrainer(Trainer):
     name = "dpo"
     cfg: DPOConfig
+
+    def __init__(self, model_path: str, cfg: DPOConfig):
+        super().__init__(cfg, *load_policy(model_path, cfg))
+        self.pad_id = self.model.config.pad_token_id or 0
 
     def _sums(self, prompts: list[list[int]], replies: list[list[int]]) -> torch.Tensor:
         logprobs, mask = reply_logprobs(self.model, list(zip(prompts, replies)), self.pad_id, self.cfg.autocast)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from core.forward import autocast, logprobs_from_logits, token_logprobs, torch_dtype
+from core.forward import padded_logprobs, token_logprobs, torch_dtype
 from core.rollout import RolloutBatch, collate
 from core.weights import BroadcastWeights, PublishedWeights
 from learner import distributed, learner_state, ppo_math, publication
@@ -199,10 +199,8 @@ class PPOLearner:
     def _forward(self, mb: RolloutBatch, model=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logprobs (B, T), values (B, T), logits (B, T, V)) of a minibatch's response tokens under the
         policy (or `model`); log-probs and logits in float32."""
-        with autocast(self.device, self.cfg.autocast):
-            logits, values = (model or self.model)(mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
-                                                   mb.response_ids.shape[1], self.temperature)
-        return logprobs_from_logits(logits, mb.response_ids.to(self.device)), values, logits
+        return padded_logprobs(model or self.model, mb.input_ids, mb.attention_mask, mb.response_ids,
+                               temperature=self.temperature, autocast_dtype=self.cfg.autocast, forward=_whole_model)
 
     def _my_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """This rank's share of a minibatch's rows (all of them for a single learner): a contiguous slice, so

@@ -9,9 +9,6 @@ tokenizer, which the reward server's `model:<dir>` scorer loads unchanged; both 
 from __future__ import annotations
 
 import logging
-import math
-import random
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,7 +16,7 @@ import torch.nn.functional as F
 
 from core.forward import autocast, torch_dtype
 from core.preferences import PreferencePair
-from core.progress import Progress
+from learner.trainer import Trainer, seed_and_threads
 from reward_server.scorers import configure_padding, conversation_rewards
 
 if TYPE_CHECKING:
@@ -40,16 +37,18 @@ def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
     return (chosen > rejected).float().mean().item() if len(chosen) else float("nan")
 
 
-class RewardModelTrainer:
-    """Loads `base` with a fresh scalar head and trains it; a plain class, run in-process or in an actor."""
+class RewardModelTrainer(Trainer):
+    """Loads `base` with a fresh scalar head and trains it on preference pairs (learner/trainer.py's loop)."""
+
+    name = "reward model"
+    evaluate_first = False
+    warmup_decay = True
 
     def __init__(self, base_path: str, cfg: RewardModelConfig):
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-        self.cfg = cfg
-        torch.manual_seed(cfg.seed)
-        torch.set_num_threads(cfg.threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(base_path)
+        seed_and_threads(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
         dtype = torch_dtype(cfg.dtype)
         # rm.num_layers keeps only the lower blocks: the config saved with the model says so, and every
         # loader builds the same truncated model.
@@ -58,32 +57,19 @@ class RewardModelTrainer:
         if cfg.num_layers > base_depth:
             raise ValueError(f"rm.num_layers = {cfg.num_layers} but {base_path} has {base_depth} blocks; "
                              f"choose at most {base_depth} (0 keeps them all)")
-        self.model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=dtype,
-                                                                        **depth)
-        self.model.config.reward_pooling = cfg.pooling
-        configure_padding(self.tokenizer, self.model, base_path)
-        self.model.to(cfg.device)
-        head = [p for n, p in self.model.named_parameters() if n.startswith("score.")]
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=dtype, **depth)
+        model.config.reward_pooling = cfg.pooling
+        configure_padding(tokenizer, model, base_path)
+        model.to(cfg.device)
+        head = [p for n, p in model.named_parameters() if n.startswith("score.")]
         if not head:
-            raise ValueError(f"{base_path}: no `score` head found on {type(self.model).__name__}; the base "
+            raise ValueError(f"{base_path}: no `score` head found on {type(model).__name__}; the base "
                              f"must be a causal LM that transformers can load for sequence classification")
-        self._freeze_lower_layers(cfg.train_layers)
-        trunk = [p for n, p in self.model.named_parameters() if not n.startswith("score.") and p.requires_grad]
+        _freeze_lower_layers(model, cfg.train_layers)
+        trunk = [p for n, p in model.named_parameters() if not n.startswith("score.") and p.requires_grad]
         # The head starts random while the trunk is pretrained: a larger step for the head lets it find
         # the direction quickly without the trunk drifting far (cf. InstructGPT's RM from an SFT model).
-        self.optimizer = torch.optim.AdamW([{"params": trunk, "lr": cfg.lr},
-                                            {"params": head, "lr": cfg.head_lr}], weight_decay=0.0)
-
-    def _freeze_lower_layers(self, train_layers: int) -> None:
-        """Train only the top `train_layers` transformer blocks (0 = all): backward then stops early,
-        which on CPU is most of a step, and the frozen lower layers keep the base LM's features."""
-        if train_layers == 0:
-            return
-        layers = self.model.base_model.layers
-        if train_layers > len(layers):
-            raise ValueError(f"rm.train_layers = {train_layers} but the base LM has {len(layers)} layers")
-        for module in [self.model.base_model.embed_tokens, *layers[:len(layers) - train_layers]]:
-            module.requires_grad_(False)
+        super().__init__(cfg, model, tokenizer, [{"params": trunk, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}])
 
     def rewards(self, prompts: list, responses: list[str]) -> torch.Tensor:
         """(B,) scalar reward of each (prompt, response), pooled as `rm.pooling` says."""
@@ -119,54 +105,19 @@ class RewardModelTrainer:
                 "eval/accuracy": pair_accuracy(chosen, rejected),
                 "eval/margin": (chosen - rejected).mean().item()}
 
-    def train(self, pairs: list[PreferencePair], eval_pairs: list[PreferencePair]) -> list[dict]:
-        """`cfg.epochs` passes over `pairs`; returns one metrics dict per epoch (held-out accuracy included)."""
-        if not pairs:
-            raise ValueError("no training pairs: the reward model needs at least one preference pair")
-        cfg = self.cfg
-        order = list(range(len(pairs)))
-        rng = random.Random(cfg.seed)
-        steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
-        total = steps_per_epoch * cfg.epochs
-        # Linear decay to zero after a 5% warm-up: the usual schedule for RM fine-tuning.
-        warmup = max(1, total // 20)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
-        history, progress = [], Progress("reward model", total, "steps", every_s=30.0)
-        for epoch in range(1, cfg.epochs + 1):
-            rng.shuffle(order)
-            self.model.train()
-            losses, accs = [], []
-            for b in range(steps_per_epoch):
-                batch = [pairs[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
-                chosen, rejected = self._pair_rewards(batch)
-                loss = bradley_terry_loss(chosen, rejected)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                schedule.step()
-                losses.append(loss.item())
-                accs.append(pair_accuracy(chosen.detach(), rejected.detach()))
-                progress.advance(1, f"epoch {epoch}/{cfg.epochs}, loss {sum(losses[-10:]) / len(losses[-10:]):.3f} "
-                                    f"acc {sum(accs[-10:]) / len(accs[-10:]):.2f} (last 10 steps)")
-            metrics = {"epoch": epoch, "train/loss": sum(losses) / len(losses),
-                       "train/accuracy": sum(accs) / len(accs)}
-            if eval_pairs:
-                metrics.update(self.evaluate(eval_pairs))
-            history.append(metrics)
-            log.info("reward model: epoch %d/%d done | train loss %.3f acc %.3f | held-out loss %s acc %s",
-                     epoch, cfg.epochs, metrics["train/loss"], metrics["train/accuracy"],
-                     _fmt(metrics.get("eval/loss")), _fmt(metrics.get("eval/accuracy")))
-        return history
-
-    def save(self, path: str) -> str:
-        """An HF directory (model + tokenizer) that `RewardModelScorer` and `model:<dir>` load."""
-        Path(path).mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        return path
+    def loss(self, batch: list[PreferencePair]) -> tuple[torch.Tensor, dict[str, float]]:
+        chosen, rejected = self._pair_rewards(batch)
+        return bradley_terry_loss(chosen, rejected), {"train/accuracy": pair_accuracy(chosen.detach(),
+                                                                                      rejected.detach())}
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _freeze_lower_layers(model, train_layers: int) -> None:
+    """Train only the top `train_layers` transformer blocks (0 = all): backward then stops early, which on CPU
+    is most of a step, and the frozen lower layers keep the base LM's features."""
+    if train_layers == 0:
+        return
+    layers = model.base_model.layers
+    if train_layers > len(layers):
+        raise ValueError(f"rm.train_layers = {train_layers} but the base LM has {len(layers)} layers")
+    for module in [model.base_model.embed_tokens, *layers[:len(layers) - train_layers]]:
+        module.requires_grad_(False)

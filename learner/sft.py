@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from core.demonstrations import Demonstration, DemonstrationError, load_demonstrations, raise_or_skip
-from core.forward import autocast, load_causal_lm, logprobs_from_logits, response_forward
+from core.forward import load_causal_lm, reply_logprobs, response_forward
 from core.preferences import split_pairs
-from core.progress import Progress
-from core.rollout import pad
 from learner.ppo_math import masked_mean
+from learner.trainer import Trainer, seed_and_threads
 
 if TYPE_CHECKING:
     from core.config import SFTConfig
@@ -63,22 +60,10 @@ def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -masked_mean(logprobs, mask)
 
 
-def reply_logprobs(model, examples: list[tuple[list[int], list[int]]], pad_id: int, autocast_dtype: str,
-                   forward=response_forward) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of each reply token (B, T), mask (B, T)) of encoded (prompt ids, reply ids) under `model`,
-    at temperature 1. `forward(model, input_ids, attention_mask, reply_len, temperature)` -> (logits, _)
-    runs the model (default: response_forward on an HF causal LM)."""
-    device = next(model.parameters()).device
-    input_ids, attention_mask, reply_ids, mask = pad([p for p, _ in examples], [r for _, r in examples], pad_id)
-    with autocast(device, autocast_dtype):
-        logits, _ = forward(model, input_ids.to(device), attention_mask.to(device), reply_ids.shape[1], 1.0)
-    return logprobs_from_logits(logits, reply_ids.to(device)), mask.to(device)
-
-
 def reply_nll(model, examples: list[tuple[list[int], list[int]]], pad_id: int, autocast_dtype: str,
               forward=response_forward) -> tuple[torch.Tensor, int]:
     """(mean NLL of the reply tokens, their number) of encoded demonstrations under `model` (`reply_logprobs`)."""
-    logprobs, mask = reply_logprobs(model, examples, pad_id, autocast_dtype, forward)
+    logprobs, mask = reply_logprobs(model, examples, pad_id, autocast_dtype, forward=forward)
     return sft_loss(logprobs, mask), int(mask.sum().item())
 
 
@@ -94,68 +79,20 @@ def held_out_nll(model, examples: list[tuple[list[int], list[int]]], pad_id: int
     return {"eval/loss": nll, "eval/perplexity": math.exp(nll)}
 
 
-class Trainer:
-    """A causal LM fine-tuned in this process: AdamW, shuffled batches for `cfg.epochs` epochs with a progress
-    line, a held-out evaluation before training and after each epoch, an HF directory at the end. A subclass
-    says what a batch's loss is (`loss`) and what the held-out figures are (`evaluate`); `cfg` has the
-    training fields SFTConfig has."""
+def load_policy(model_path: str, cfg):
+    """(causal LM, tokenizer) of the policy at `model_path` in `cfg.dtype` on `cfg.device`, seeded first."""
+    from transformers import AutoTokenizer
 
-    name = "trainer"
-
-    def __init__(self, model_path: str, cfg):
-        from transformers import AutoTokenizer
-
-        torch.manual_seed(cfg.seed)
-        torch.set_num_threads(cfg.threads)
-        self.cfg = cfg
-        self.device = torch.device(cfg.device)
-        self.model = load_causal_lm(model_path, cfg.dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.pad_id = self.model.config.pad_token_id or 0
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
-
-    def loss(self, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
-
-    def evaluate(self, examples: list) -> dict[str, float]:
-        raise NotImplementedError
-
-    def train(self, train: list, held_out: list) -> list[dict]:
-        """`cfg.epochs` passes in shuffled batches; the held-out figures before training and after each epoch,
-        with the mean of each training figure of the epoch."""
-        cfg = self.cfg
-        rng = random.Random(cfg.seed)
-        history = [{"epoch": 0, **self.evaluate(held_out)}]
-        progress = Progress(self.name, math.ceil(len(train) / cfg.batch_size) * cfg.epochs, "steps", every_s=30.0)
-        for epoch in range(1, cfg.epochs + 1):
-            self.model.train()
-            order = list(train)
-            rng.shuffle(order)
-            figures: dict[str, list[float]] = {}
-            for start in range(0, len(order), cfg.batch_size):
-                loss, stats = self.loss(order[start:start + cfg.batch_size])
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                for k, v in {"train/loss": loss.item(), **stats}.items():
-                    figures.setdefault(k, []).append(v)
-                progress.advance(1, f"loss {loss.item():.3f}")
-            history.append({"epoch": epoch, **{k: sum(v) / len(v) for k, v in figures.items()},
-                            **self.evaluate(held_out)})
-            log.info("%s epoch %d: %s", self.name, epoch, history[-1])
-        return history
-
-    def save(self, path: str) -> str:
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
-        return str(out)
+    seed_and_threads(cfg)
+    return load_causal_lm(model_path, cfg.dtype, torch.device(cfg.device)), AutoTokenizer.from_pretrained(model_path)
 
 
 class SFTTrainer(Trainer):
     name = "sft"
+
+    def __init__(self, model_path: str, cfg: SFTConfig):
+        super().__init__(cfg, *load_policy(model_path, cfg))
+        self.pad_id = self.model.config.pad_token_id or 0
 
     def nll(self, examples: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, int]:
         """(mean NLL of the reply tokens, their number) of a batch of encoded demonstrations."""

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Callable
 
 from actors.rollout_stream import RolloutStream
-from actors.worker_pool import sample
 from core.prompts import Prompt
 from core.rollout import Rollout
+from learner.evaluation import judge_held_out
 from learner.metrics import RunLogger
 from reward_server.ratings import Ladder
-from reward_server.scorers import Scorer, score_checked
+from reward_server.scorers import Scorer
 
 
 class StepTimer:
@@ -129,27 +129,22 @@ def evaluate(loop: Loop) -> dict:
     (the proxy PPO optimises: a proxy that rises while gold falls is reward over-optimisation). KL is the
     sum over response tokens of log pi - log pi_ref, both at the evaluation's sampling temperature (vLLM's
     log-probs are of the distribution it sampled from)."""
-    train, stream, prompts = loop.cfg.train, loop.stream, loop.eval_prompts
-    groups = sample(stream.pool, prompts, train.eval_samples, train.eval_temperature, label="evaluation")
-    rollouts = [r for group in groups for r in group]
-    prompt_texts = [p.text for p, group in zip(prompts, groups) for _ in group]
-    responses = [r.text for r in rollouts]
-    proxy = stream.reward.submit(prompt_texts, responses)
+    train, stream = loop.cfg.train, loop.stream
+    held_out = judge_held_out(stream.pool, loop.eval_prompts, loop.gold, train.eval_samples, train.eval_temperature)
+    rollouts, responses = held_out.rollouts, [r.text for r in held_out.rollouts]
+    proxy = stream.reward.submit(held_out.prompt_texts, responses)
     ref_logprobs = stream.watchdog.get(
         loop.reference.ref_logprobs.remote([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
                                            train.eval_temperature), "reference", "ref_logprobs")
-    scores = score_checked(loop.gold, prompt_texts, responses)
     kls = [sum(a - b for a, b in zip(r.logprobs, ref)) for r, ref in zip(rollouts, ref_logprobs)]
     demos = {}
     if loop.eval_demos:  # the alignment tax: how much less likely the policy finds demonstrated replies
         demos = stream.wait(loop.learner.perplexity(loop.eval_demos), "learner", "perplexity")
         demos = {"eval/demo_nll": demos["eval/loss"], "eval/demo_perplexity": demos["eval/perplexity"]}
     if loop.ladder is not None:  # its first response to each held-out prompt plays the earlier policies'
-        demos["eval/elo"] = loop.ladder.add(f"step {loop.step}", loop.step, [g[0].text for g in groups], "this run")
-    return {**demos, "eval/gold_reward_mean": statistics.mean(scores),
-            "eval/gold_reward_std": statistics.pstdev(scores),
+        demos["eval/elo"] = loop.ladder.add(f"step {loop.step}", loop.step, [g[0].text for g in held_out.groups],
+                                            "this run")
+    return {**demos, **held_out.figures(),
             "eval/proxy_reward_mean": statistics.mean(stream.reward.result(proxy)),
             "eval/kl_mean": statistics.mean(kls),
-            "eval/response_len": statistics.mean(len(r.response_ids) for r in rollouts),
-            "eval/finished_frac": statistics.mean(r.finished for r in rollouts),
             "eval/policy_version": min(r.version for r in rollouts)}

@@ -91,3 +91,10 @@ def test_a_running_job_is_found_where_its_config_says_unless_a_flag_says_otherwi
     assert cli.main(["scale", "--workers", "3", *flags]) == 0
     assert found == [(address, namespace)] * 2
     assert f"asked the job in namespace {namespace!r} for 3 generation workers" in capsys.readouterr().out
+
+
+def test_elo_refuses_a_run_without_checkpoints_by_name(tmp_path, capsys):
+    assert cli.main(["elo", "--config", str(TINY), "--run", str(tmp_path)]) == 2
+    assert f"--run {tmp_path} holds no complete checkpoint" in capsys.readouterr().err
+    assert cli.main(["elo", "--config", str(TINY), "--player", f"mine={tmp_path}"]) == 2
+    assert f"--player mine='{tmp_path}' holds no config.json" in capsys.readouterr().err

@@ -48,6 +48,18 @@ def deprecated_out(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", dest="out_file", default=None, help=argparse.SUPPRESS)
 
 
+def write_file_output(args: argparse.Namespace, section: str, name: str, write) -> None:
+    """`write(cfg, path)` with `path` the file `name` in `<section>.output_dir` (staged where it is a storage
+    URI), or the file of the deprecated `--out FILE`."""
+    cfg = load(args)
+    if args.out_file:
+        warn_deprecated("--out", f"write {section}.output_dir=DIR instead ({name} is written there)")
+        write(cfg, args.out_file)
+        return
+    with staged_output(cfg, section) as staged:
+        write(staged, str(Path(getattr(staged, section).output_dir) / name))
+
+
 def warn_deprecated(flag: str, instead: str) -> None:
     print(f"rlhf: {flag} is deprecated and will be removed; {instead}", file=sys.stderr)
 

@@ -47,7 +47,7 @@ def dpo(cfg) -> dict:
         print(f"epoch {h['epoch']}: held-out loss {h['eval/loss']:.3f}, implicit-reward accuracy "
               f"{h['eval/accuracy']:.3f}, margin {h['eval/margin']:+.3f}")
     before, after = held_out_gold(cfg, model_path, "base"), held_out_gold(cfg, path, "dpo")
-    print(f"held-out gold reward ({cfg.train.gold_scorer}): {before['gold_reward_mean']:+.3f} before, "
-          f"{after['gold_reward_mean']:+.3f} after DPO\nDPO policy saved to {path} (use it with model.path={path})")
-    return {**history[-1], "gold_reward_before": before["gold_reward_mean"],
-            "gold_reward_after": after["gold_reward_mean"]}
+    print(f"held-out gold reward ({cfg.train.gold_scorer}): {before['eval/gold_reward_mean']:+.3f} before, "
+          f"{after['eval/gold_reward_mean']:+.3f} after DPO\nDPO policy saved to {path} (use it with model.path={path})")
+    return {**history[-1], "gold_reward_before": before["eval/gold_reward_mean"],
+            "gold_reward_after": after["eval/gold_reward_mean"]}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.commands import config_arguments, deprecated_out, load, staged_output, warn_deprecated
+from cluster.commands import config_arguments, deprecated_out, write_file_output
 
 HELP = "demonstrations for SFT: the gold-best of sft.demo_samples samples per prompt"
 
@@ -18,13 +18,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
-    cfg = load(args)
-    if args.out_file:
-        warn_deprecated("--out", "write sft.output_dir=DIR instead (demos.jsonl is written there)")
-        make_demos(cfg, args.out_file)
-        return
-    with staged_output(cfg, "sft") as staged:
-        make_demos(staged, str(Path(staged.sft.output_dir) / "demos.jsonl"))
+    write_file_output(args, "sft", "demos.jsonl", make_demos)
 
 
 def make_demos(cfg, out_path: str) -> str:

@@ -5,9 +5,7 @@ labels flipped like annotators who disagree), written to `<preferences.output_di
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from cluster.commands import config_arguments, deprecated_out, load, staged_output, warn_deprecated
+from cluster.commands import config_arguments, deprecated_out, write_file_output
 
 HELP = "two samples per prompt from the policy, labelled by preferences.labeller"
 
@@ -18,13 +16,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
-    cfg = load(args)
-    if args.out_file:
-        warn_deprecated("--out", "write preferences.output_dir=DIR instead (pairs.jsonl is written there)")
-        make_preferences(cfg, args.out_file)
-        return
-    with staged_output(cfg, "preferences") as staged:
-        make_preferences(staged, str(Path(staged.preferences.output_dir) / "pairs.jsonl"))
+    write_file_output(args, "preferences", "pairs.jsonl", make_preferences)
 
 
 def make_preferences(cfg, out_path: str) -> str:

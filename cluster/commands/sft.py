@@ -31,7 +31,7 @@ def sft(cfg) -> list[dict]:
         print(f"epoch {h['epoch']}: {trained}held-out loss {h['eval/loss']:.3f} (perplexity "
               f"{h['eval/perplexity']:.2f})")
     before, after = held_out_gold(cfg, model_path, "base"), held_out_gold(cfg, path, "sft")
-    print(f"held-out gold reward ({cfg.train.gold_scorer}): {before['gold_reward_mean']:+.3f} before, "
-          f"{after['gold_reward_mean']:+.3f} after SFT")
+    print(f"held-out gold reward ({cfg.train.gold_scorer}): {before['eval/gold_reward_mean']:+.3f} before, "
+          f"{after['eval/gold_reward_mean']:+.3f} after SFT")
     print(f"\nfine-tuned policy saved to {path} (train from it with model.path={path})")
     return history

@@ -1,0 +1,39 @@
+"""The one held-out evaluation of a policy's replies, shared by the PPO job's evaluations (learner/train.py)
+and the pipeline's before-and-after comparisons (`rlhf sft`, `rlhf dpo`): `train.eval_samples` samples of
+each held-out prompt at `train.eval_temperature`, each judged by the gold scorer."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from actors.worker_pool import WorkerPool, sample
+from core.prompts import Prompt
+from core.rollout import Rollout
+from reward_server.scorers import Scorer, score_checked
+
+
+@dataclass
+class HeldOut:
+    groups: list[list[Rollout]]  # each held-out prompt's samples, in the prompts' order
+    prompt_texts: list[str]  # the prompt of each sample, flat
+    gold: list[float]  # the gold scorer's score of each sample, flat
+
+    @property
+    def rollouts(self) -> list[Rollout]:
+        return [r for group in self.groups for r in group]
+
+    def figures(self) -> dict[str, float]:
+        rollouts = self.rollouts
+        return {"eval/gold_reward_mean": statistics.mean(self.gold),
+                "eval/gold_reward_std": statistics.pstdev(self.gold),
+                "eval/response_len": statistics.mean(len(r.response_ids) for r in rollouts),
+                "eval/finished_frac": statistics.mean(r.finished for r in rollouts)}
+
+
+def judge_held_out(pool: WorkerPool, prompts: list[Prompt], gold: Scorer, samples: int, temperature: float,
+                   label: str = "evaluation") -> HeldOut:
+    """`samples` replies to each held-out prompt from the pool's policy, at `temperature`, judged by `gold`."""
+    groups = sample(pool, prompts, samples, temperature, label=label)
+    prompt_texts = [p.text for p, group in zip(prompts, groups) for _ in group]
+    return HeldOut(groups, prompt_texts, score_checked(gold, prompt_texts, [r.text for g in groups for r in g]))
