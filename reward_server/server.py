@@ -239,13 +239,15 @@ def reward_app(cfg: RewardConfig, resources: dict | None = None):
 
 
 def start_reward_server(cfg: RewardConfig, resources: dict | None = None, name: str = APP_NAME) -> DeploymentHandle:
-    """Start Serve's HTTP proxy on `cfg.host:cfg.port` and deploy the reward app `name` at
+    """Start Serve's HTTP proxy on the head node at `cfg.host:cfg.port` and deploy the reward app `name` at
     `cfg.route_prefix`; returns the handle the training loop scores through.
 
     Needs `ray.init` first. Serve keeps the HTTP address of its first start: if it already runs
     in this Ray cluster on another address, Serve warns and `reward_url(cfg)` will be wrong.
     """
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    # One proxy, on the head node, where `reward_url` points: with a proxy on every node, nodes that
+    # share a host (a simulated cluster, or several Ray nodes on one big machine) fight for the port.
+    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
     cfg = dataclasses.replace(cfg, auth_token=resolve_secret(cfg.auth_token))
     return serve.run(reward_app(cfg, resources), name=name, route_prefix=cfg.route_prefix)
 
