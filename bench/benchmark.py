@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import ray
 
 from actors.generation import GenerationWorker
@@ -38,16 +39,24 @@ from core.rollout import Rollout
 
 
 class BenchWorker(GenerationWorker):
-    def direct(self, prompt_ids: list[list[int]], n: int) -> tuple[int, float]:
-        """(generated tokens, seconds) of the engine's own generate call, nothing around it."""
-        from vllm import SamplingParams, TokensPrompt
+    async def direct(self, prompt_ids: list[list[int]], n: int) -> tuple[int, float]:
+        """(generated tokens, seconds) of the engine's own requests, nothing around them."""
+        import asyncio
 
-        params = SamplingParams(n=n, temperature=self.cfg.temperature, max_tokens=self.cfg.max_new_tokens,
-                                logprobs=0)
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(temperature=self.cfg.temperature, max_tokens=self.cfg.max_new_tokens, logprobs=0,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+
+        async def one(j: int, ids: list[int]) -> int:
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id=f"direct-{j}"):
+                pass
+            return len(out.outputs[0].token_ids)
+
         start = time.perf_counter()
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
-        seconds = time.perf_counter() - start
-        return sum(len(s.token_ids) for o in out for s in o.outputs), seconds
+        tokens = await asyncio.gather(*(one(j, p) for j, p in enumerate(p for p in prompt_ids for _ in range(n))))
+        return sum(tokens), time.perf_counter() - start
 
 
 def median_rate(runs: list[tuple[int, float]]) -> float:
@@ -110,7 +119,10 @@ def bench_weight_sync(cfg, model_path, workers: int, repeats: int, bucket_sizes:
     bucket of the whole model is the old single-object publication)."""
     actors = [ray.remote(GenerationWorker).options(num_cpus=cfg.generation.num_cpus).remote(
         f"sync-{i}", model_path, cfg.generation) for i in range(workers)]
-    pids = {f"worker {i}": s["pid"] for i, s in enumerate(ray.get([a.stats.remote() for a in actors]))}
+    pids = {}
+    for i, s in enumerate(ray.get([a.stats.remote() for a in actors])):
+        pids[f"worker {i}"] = s["pid"]
+        pids[f"engine {i}"] = psutil.Process(s["pid"]).children()[0].pid  # where the model lives
     print(f"weight sync to {workers} workers ({cfg.generation.dtype}), median of {repeats} "
           f"(extra memory: a process's private memory above its level before the sync, highest of the syncs; "
           f"the published version itself lives in the object store's shared memory until the next one):")
@@ -134,7 +146,8 @@ def bench_weight_sync(cfg, model_path, workers: int, repeats: int, bucket_sizes:
         print(f"  {label:26s} ({len(published.buckets):3d} of {published.nbytes / 2**20:.0f} MiB): publish "
               f"{statistics.median(publish):.2f} s, publish + all loaded {statistics.median(total):.2f} s; extra "
               f"memory: learner {extra['learner']:.0f} MiB, workers "
-              + ", ".join(f"{extra[f'worker {i}']:.0f}" for i in range(workers)) + " MiB")
+              + ", ".join(f"{extra[f'worker {i}']:.0f} + engine {extra[f'engine {i}']:.0f}" for i in range(workers))
+              + " MiB")
         group.kill()
     for actor in actors:
         ray.kill(actor)

