@@ -4,14 +4,16 @@ policy weights.
 An async Ray actor (`cluster/launch.py` makes it one, with resources from config). Every sample is a
 request of its own: calls overlap, the engine batches whatever is in flight (continuous batching), and a
 call answers as soon as its own samples are done, whatever else is still running. A new policy version
-pauses the engine (`pause_generation`): requests in flight finish on the old weights first, the new ones
-load, and the requests that arrived meanwhile run on them. Every token is labelled with the version that
+pauses the engine (`pause_generation`): requests in flight finish on the old weights first (or, with
+`generation.inflight_updates`, stop where they are and go on after the load), the new weights load, and the
+requests that arrived meanwhile run on them. Every token is labelled with the version that
 sampled it (vLLM's weight-version spans), and a rollout carries its version from those labels.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import tempfile
@@ -19,6 +21,9 @@ import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+from actors.conversation import next_turn_ids
+from core.environment import Conversations, EnvironmentFailure, checked_turn, load_environment
+from core.prompts import PromptDataError, encode
 from core.rollout import Rollout
 from core.weights import BroadcastWeights, PublishedWeights
 
@@ -69,9 +74,11 @@ class GenerationWorker:
         self.version = 0
         self.tokens_generated = 0
         self.requests = 0  # serial number of the engine requests, for their ids
+        self.tokenizer = None  # the model's, for conversations (loaded at the first)
         self.lora = None  # the current adapter's LoRARequest (none before the first sync: the base is the policy)
         self.adapter_dir: str | None = None
         self.loading = False  # a new version is on its way into the engine: new requests wait for it
+        self.pending_loads = 0  # load_weights calls received and not done (one loads, the others queue)
         self.load_lock = asyncio.Lock()  # one version at a time
         self.loaded = asyncio.Condition()  # notified when a load ends
         self.last_answer = time.perf_counter()  # when a generate call last answered (the throughput gauge)
@@ -156,15 +163,112 @@ class GenerationWorker:
             os._exit(1)
         return final
 
-    def _rollout(self, index: int, ids: list[int], sample) -> Rollout:
+    def _sampled(self, sample) -> tuple[list[int], list[float], list[int]]:
+        """(token ids, their log-probs, the version that sampled each) of one of the engine's samples."""
         token_ids = list(sample.token_ids)
-        spans = sample.weight_versions or []
+        spans = sample.weight_versions or []  # (version, start, end) over the sample's tokens
+        versions = [int(span.version) for span in spans for _ in range(span.start, span.end)]
+        return (token_ids, [step[tok].logprob for step, tok in zip(sample.logprobs, token_ids)],
+                versions if len(versions) == len(token_ids) else [self.version] * len(token_ids))
+
+    def _rollout(self, index: int, ids: list[int], sample) -> Rollout:
+        token_ids, logprobs, versions = self._sampled(sample)
         return Rollout(
-            prompt_index=index, prompt_ids=list(ids), response_ids=token_ids, text=sample.text,
-            logprobs=[step[tok].logprob for step, tok in zip(sample.logprobs, token_ids)],
-            # the version that sampled its first token (its only one: a load waits for requests in flight)
-            version=int(spans[0].version) if spans else self.version, worker=self.name,
-            finished=sample.finish_reason == "stop")
+            prompt_index=index, prompt_ids=list(ids), response_ids=token_ids, text=sample.text, logprobs=logprobs,
+            version=versions[0] if versions else self.version, worker=self.name,
+            finished=sample.finish_reason == "stop", token_versions=versions if len(set(versions)) > 1 else None)
+
+    # --- conversations -------------------------------------------------------------------------------
+    async def converse(self, prompts: list[tuple[int, str]], n: int, conversations: Conversations,
+                       temperature: float | None = None, expect_version: int | None = None) -> list[Rollout]:
+        """`n` conversations with the environment `conversations.spec` about each (prompt_index, prompt text), in
+        prompt order: each a rollout of every turn's tokens, the policy's marked in its `policy_mask`, scored by
+        the environment's rewards. An environment that fails one of them fails the call (EnvironmentFailure,
+        naming the environment and the turn), once all of them have ended."""
+        await self._settled(expect_version)
+        environment = load_environment(conversations.spec)
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.engine.model_config.model)
+        temperature = self.cfg.temperature if temperature is None else temperature
+        results = await asyncio.gather(*(self._conversation(environment(), conversations, index, text, temperature)
+                                         for index, text in prompts for _ in range(n)), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
+
+    async def _conversation(self, environment, conversations: Conversations, index: int, text: str,
+                            temperature: float) -> Rollout:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        name = conversations.spec
+        first = await self._ask(environment.reset, text, f"environment {name}, reset", conversations.timeout_s)
+        if not isinstance(first, str) or not first.strip():
+            raise EnvironmentFailure(f"environment {name}, reset: returned {first!r:.80}; the first message must be "
+                                     f"a non-empty string")
+        try:
+            prompt_ids = encode([first], self.tokenizer, self.cfg.max_model_len - 1,
+                                conversations.system_prompt)[0].token_ids
+        except PromptDataError as e:
+            raise EnvironmentFailure(f"environment {name}, reset: its first message does not fit: {e}") from None
+        ids, response, logprobs, mask, versions, replies = list(prompt_ids), [], [], [], [], []
+        score, done = 0.0, False
+        for turn in range(1, conversations.max_turns + 1):
+            where = f"environment {name}, turn {turn}"
+            room = self.cfg.max_model_len - len(ids)
+            if room < 1:
+                break
+            params = SamplingParams(temperature=temperature, top_p=self.cfg.top_p, logprobs=0,
+                                    max_tokens=min(self.cfg.max_new_tokens, room),
+                                    output_kind=RequestOutputKind.FINAL_ONLY)
+            sample = (await self._request(ids, params)).outputs[0]
+            tokens, token_logprobs, token_versions = self._sampled(sample)
+            ids += tokens
+            response += tokens
+            logprobs += token_logprobs
+            mask += [1] * len(tokens)
+            versions += token_versions
+            replies.append(sample.text)
+            step = checked_turn(await self._ask(environment.step, sample.text, where, conversations.timeout_s), where)
+            score += step.reward
+            if step.done:
+                done = True
+                break
+            ended = self.tokenizer.decode(tokens[-1:]) if sample.finish_reason == "stop" else None
+            between = next_turn_ids(self.tokenizer, step.message, ended)
+            if len(ids) + len(between) >= self.cfg.max_model_len:
+                break
+            ids += between
+            response += between
+            logprobs += [0.0] * len(between)
+            mask += [0] * len(between)
+            versions += [versions[-1]] * len(between)
+        else:
+            raise EnvironmentFailure(f"environment {name}: the conversation was not done after "
+                                     f"{conversations.max_turns} turns (environment.max_turns); its step must return "
+                                     f"done=True in the end")
+        if not done:
+            log.warning("%s: the conversation about prompt %d was cut after %d replies: %d tokens, and "
+                        "generation.max_model_len is %d; it is trained on with the rewards so far (%.3f)",
+                        name, index, len(replies), len(ids), self.cfg.max_model_len, score)
+        return Rollout(prompt_index=index, prompt_ids=prompt_ids, response_ids=response, text="\n\n".join(replies),
+                       logprobs=logprobs, version=min(versions, default=self.version), worker=self.name, finished=done,
+                       score=score, token_versions=versions if len(set(versions)) > 1 else None, policy_mask=mask)
+
+    @staticmethod
+    async def _ask(method, argument, where: str, timeout_s: float):
+        """An environment's reset or step, plain or async (a plain one in a thread, so that a slow one holds
+        back no other conversation), within `timeout_s`; whatever goes wrong is an EnvironmentFailure."""
+        call = method(argument) if inspect.iscoroutinefunction(method) else asyncio.to_thread(method, argument)
+        try:
+            return await asyncio.wait_for(call, timeout_s)
+        except asyncio.TimeoutError:
+            raise EnvironmentFailure(f"{where}: no answer within {timeout_s:g} s (environment.timeout_s)") from None
+        except Exception as e:
+            raise EnvironmentFailure(f"{where}: {type(e).__name__}: {e}") from e
 
     async def _label(self) -> None:
         """Label the engine's tokens with this worker's version, once, before its first request."""
@@ -175,7 +279,7 @@ class GenerationWorker:
     async def _settled(self, expect_version: int | None) -> None:
         """Wait for a load under way; then refuse to generate with weights older than `expect_version`."""
         async with self.loaded:
-            await self.loaded.wait_for(lambda: not self.loading)
+            await self.loaded.wait_for(lambda: not self.loading and not self.pending_loads)
         if expect_version is not None and self.version < expect_version:
             raise WeightsBehind(f"{self.name} holds policy version {self.version}, not {expect_version}: its "
                                 f"process was restarted since those weights were sent")
@@ -184,7 +288,13 @@ class GenerationWorker:
     async def load_weights(self, version: int, weights: PublishedWeights | BroadcastWeights) -> int:
         """Replace the engine's weights with policy `version` as it was published, and label later tokens with
         it."""
-        return await weights.load_into(self, version)
+        self.pending_loads += 1  # before any await: a call that arrives after this one waits for it
+        try:
+            return await weights.load_into(self, version)
+        finally:
+            async with self.loaded:
+                self.pending_loads -= 1
+                self.loaded.notify_all()
 
     async def confirm_broadcast(self, version: int) -> int:
         """The learner's NCCL broadcast has put `version` into the engine already: check that it did."""
@@ -194,12 +304,14 @@ class GenerationWorker:
         return version
 
     async def _begin_load(self) -> None:
-        """Pause the engine for a new version: requests in flight finish on the old weights, new ones wait.
-        The caches are dropped: their keys and values were computed with the old weights."""
+        """Pause the engine for a new version: requests in flight finish on the old weights first, or, with
+        `generation.inflight_updates`, stop where they are ("keep") and go on after the load, on the new
+        weights. New requests wait. The caches are dropped: their keys and values were computed with the old
+        weights (a kept request computes its own again, prompt and tokens so far, with the new ones)."""
         await self.load_lock.acquire()
         self.loading = True
         await self._label()
-        await self.engine.pause_generation(mode="wait", clear_cache=True)
+        await self.engine.pause_generation(mode="keep" if self.cfg.inflight_updates else "wait", clear_cache=True)
 
     async def _end_load(self, version: int | None) -> None:
         """Label what the engine samples from now on with `version` (None: the load failed, keep the old

@@ -29,6 +29,7 @@ import ray
 
 from actors.prompt_ledger import Draw, PromptLedger
 from actors.worker_pool import WorkerPool
+from core.environment import Conversations
 from core.rollout import Rollout
 
 
@@ -71,7 +72,7 @@ class StageClock:
 class RolloutStream:
     def __init__(self, pool: WorkerPool, ledger: PromptLedger, reference, reward, *, samples_per_prompt: int,
                  prompts_per_request: int, buffer_size: int, max_staleness: int, streaming: bool = True,
-                 on_pump: Callable[[], None] | None = None):
+                 conversations: Conversations | None = None, on_pump: Callable[[], None] | None = None):
         """`reference`: the reference model's actor handle, or None when the learner computes the reference
         log-probs itself; `reward`: a `reward_server.client.RewardClient`;
         `buffer_size` in prompts; `on_pump()` runs on every pump (the job's control link). Calls are timed
@@ -83,6 +84,7 @@ class RolloutStream:
         self.samples_per_prompt = samples_per_prompt
         self.prompts_per_request = prompts_per_request  # prompts a worker holds at once
         self.per_call = 1 if streaming else prompts_per_request  # prompts handed in one call
+        self.conversations = conversations  # each rollout a conversation, scored by its environment
         self.capacity = buffer_size * samples_per_prompt  # in rollouts
         self.max_staleness = max_staleness
         self.watchdog = pool.watchdog
@@ -114,8 +116,8 @@ class RolloutStream:
             # no more prompts than the room holds: on-policy, rollouts beyond the batch would be dropped stale
             count = min(self.per_call, self.prompts_per_request - held[i], -(-room // self.samples_per_prompt))
             chunk = _Chunk(worker=i, draws=self.ledger.draw(count))
-            ref = self.pool.generate(i, [(d.prompt.index, d.prompt.token_ids) for d in chunk.draws],
-                                     self.samples_per_prompt)
+            ref = self.pool.generate(i, [d.prompt for d in chunk.draws], self.samples_per_prompt,
+                                     conversations=self.conversations)
             self.generating[ref] = chunk
             self.clocks["generate"].enter()
 
@@ -128,10 +130,13 @@ class RolloutStream:
             return
         for j, r in enumerate(chunk.rollouts):  # samples_per_prompt samples per prompt, in prompt order
             r.draw = chunk.draws[j // self.samples_per_prompt].number
-        texts = {d.prompt.index: d.prompt.text for d in chunk.draws}
-        chunk.scores = self.reward.submit([texts[r.prompt_index] for r in chunk.rollouts],
-                                          [r.text for r in chunk.rollouts])
-        self.clocks["score"].enter()
+        if self.conversations is not None:  # scored by their environment already
+            chunk.scores, chunk.reward_done = [r.score for r in chunk.rollouts], True
+        else:
+            texts = {d.prompt.index: d.prompt.text for d in chunk.draws}
+            chunk.scores = self.reward.submit([texts[r.prompt_index] for r in chunk.rollouts],
+                                              [r.text for r in chunk.rollouts])
+            self.clocks["score"].enter()
         if self.reference is None:
             self.scoring_only.append(chunk)
             return
@@ -148,9 +153,12 @@ class RolloutStream:
             self.watchdog.done(ref)
             self.clocks["reference"].leave()
             ref_logprobs = ray.get(ref)
-        scores = self.reward.result(chunk.scores)  # waits, with retries, if the reward server is still at it
-        if not chunk.reward_done:
-            self.clocks["score"].leave()
+        if self.conversations is not None:
+            scores = chunk.scores
+        else:
+            scores = self.reward.result(chunk.scores)  # waits, with retries, if the reward server is still at it
+            if not chunk.reward_done:
+                self.clocks["score"].leave()
         for r, lp, s in zip(chunk.rollouts, ref_logprobs, scores):
             r.ref_logprobs, r.score = lp, float(s)
         self.buffer.extend(chunk.rollouts)
@@ -166,7 +174,7 @@ class RolloutStream:
             if not chunk.reward_done and self.reward.done(chunk.scores):
                 chunk.reward_done = True
                 self.clocks["score"].leave()
-        for chunk in [c for c in self.scoring_only if self.reward.done(c.scores)]:
+        for chunk in [c for c in self.scoring_only if c.reward_done or self.reward.done(c.scores)]:
             self.scoring_only.remove(chunk)
             self._scored(chunk, None)
         for ref in self.pool.wait([*self.generating, *self.scoring], timeout):

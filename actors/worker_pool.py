@@ -13,6 +13,7 @@ pairs, West-of-N, Best-of-N), on whichever workers are free, re-sampling a chunk
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter, deque
@@ -24,6 +25,7 @@ from ray.exceptions import ActorDiedError, RayActorError
 from actors.generation import WeightsBehind
 from actors.nodes import room_for
 from actors.watchdog import Watchdog
+from core.environment import Conversations, EnvironmentFailure
 from core.progress import Progress
 from core.prompts import Prompt
 from core.rollout import Rollout
@@ -85,7 +87,7 @@ class WorkerPool:
         self.demand = demand or {}
         self.reported_at: dict[int, float] = {}  # down worker -> when it was last reported as waiting
         self.counters = {"worker_failures": 0, "workers_replaced": 0, "workers_added": 0, "workers_removed": 0,
-                         "workers_resynced": 0}
+                         "workers_resynced": 0, "environment_failures": 0}
         self.joined: dict[int, dict] = {}  # added worker -> policy version of its first rollouts and the current one
         self.recoveries: list[float] = []  # seconds from each worker failure to its first successful sync
 
@@ -98,18 +100,24 @@ class WorkerPool:
                 if held[i] < capacity and i not in self.syncing and self.versions[i] >= min_version]
         return sorted(free, key=lambda i: (held[i], self.last_dispatch.get(i, 0.0)))
 
-    def generate(self, i: int, prompts: list[tuple[int, list[int]]], n: int,
-                 temperature: float | None = None) -> ray.ObjectRef:
-        """Start worker i sampling `n` responses per (index, token ids); `collect` takes the result."""
+    def generate(self, i: int, prompts: list[Prompt], n: int, temperature: float | None = None,
+                 conversations: Conversations | None = None) -> ray.ObjectRef:
+        """Start worker i sampling `n` responses to each prompt (with `conversations`: holding `n` conversations
+        about each); `collect` takes the result."""
         self.last_dispatch[i] = time.perf_counter()
         actor, version = self.workers[i], self.versions[i]
-        ref = actor.generate.remote(prompts, n, temperature, expect_version=version)
+        if conversations is None:
+            ref = actor.generate.remote([(p.index, p.token_ids) for p in prompts], n, temperature,
+                                        expect_version=version)
+        else:
+            ref = actor.converse.remote([(p.index, p.text) for p in prompts], n, conversations, temperature,
+                                        expect_version=version)
         self.generating[ref] = (i, actor, version)
         return self.watchdog.sent(ref, worker_name(i), "generate")
 
     def collect(self, ref: ray.ObjectRef) -> list[Rollout] | None:
         """The rollouts of a finished `generate` call, or None when they were lost: the worker died (it is
-        being brought back) or was behind (it is loading the current weights)."""
+        being brought back), was behind (it is loading the current weights), or an environment failed."""
         self.watchdog.done(ref)
         i, actor, version = self.generating.pop(ref)
         try:
@@ -121,6 +129,10 @@ class WorkerPool:
         except WeightsBehind as exc:
             if self._is_current(i, actor):
                 self._resync(i, exc)
+            return None
+        except EnvironmentFailure as exc:
+            self.counters["environment_failures"] += 1
+            log.error("%s; the conversations of that call are dropped and their prompts issued again", exc)
             return None
         if i in self.joined and "first_version" not in self.joined[i] and rollouts:
             self.joined[i].update(first_version=rollouts[0].version, current_version=version)
@@ -359,7 +371,8 @@ class WorkerPool:
 
 
 def sample(pool: WorkerPool, prompts: list[Prompt], samples_per_prompt: int, temperature: float | None = None,
-           chunk_size: int = 32, label: str = "sampling") -> list[list[Rollout]]:
+           chunk_size: int = 32, label: str = "sampling",
+           conversations: Conversations | None = None) -> list[list[Rollout]]:
     """`samples_per_prompt` responses for each prompt from the pool's workers, outside the training stream
     (evaluation, preference pairs, West-of-N, Best-of-N): one list per prompt in the order given (a prompt
     listed twice gets two lists). Chunks go to whichever worker is free, with a progress line; a chunk
@@ -376,8 +389,8 @@ def sample(pool: WorkerPool, prompts: list[Prompt], samples_per_prompt: int, tem
                 break
             positions = todo.popleft()
             # The position in `prompts` is the index the worker echoes back, so duplicates stay apart.
-            ref = pool.generate(i, [(k, prompts[k].token_ids) for k in positions], samples_per_prompt,
-                                temperature)
+            ref = pool.generate(i, [dataclasses.replace(prompts[k], index=k) for k in positions], samples_per_prompt,
+                                temperature, conversations)
             running[ref] = (i, positions)
         pool.poll()
         pool.watchdog.check(waiting_since)

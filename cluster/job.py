@@ -144,7 +144,7 @@ def _attempt(job: Job, resume: str | None, attempt: int) -> dict:
                                None if cfg.reference_in_learner else roles.reference,
                                RewardClient(cfg.reward, APP_NAME, roles.reward),
                                samples_per_prompt=gen.samples_per_prompt, prompts_per_request=gen.prompts_per_request,
-                               streaming=gen.streaming,
+                               streaming=gen.streaming, conversations=cfg.conversations(),
                                buffer_size=cfg.train.buffer_size, max_staleness=cfg.train.max_staleness,
                                on_pump=link.poll)
         loop = _start_loop(job, roles, stream, resume)

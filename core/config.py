@@ -30,6 +30,7 @@ from core.pipeline_config import (
     SFTConfig,
     WestOfNConfig,
 )
+from core.environment import Conversations, check_environment
 from core.specs import check_data_file, check_judge, check_model, check_scorer
 
 
@@ -63,6 +64,9 @@ class GenerationConfig:
     samples_per_prompt: int = opt(4, "responses sampled per prompt (a group of them is GRPO's baseline)", ge=1, le=64)
     prompts_per_request: int = opt(16, "prompts a worker holds at once: with `streaming`, handed one at a time and "
                                    "refilled as each one's samples finish; without, in one call", ge=1)
+    inflight_updates: bool = opt(False, "a new version reaches a worker at once: its requests in flight pause, the "
+                                 "weights change, they go on, each token labelled with the version that sampled it "
+                                 "(needs train.max_staleness >= 1); false: the requests in flight finish first")
     streaming: bool = opt(True, "hand a worker one prompt per call, several calls in flight (continuous batching: a "
                           "long reply holds back only its own prompt); false: a call of `prompts_per_request` "
                           "prompts that answers when its longest reply is done")
@@ -247,6 +251,16 @@ class TrainConfig:
 
 
 @dataclass
+class EnvironmentConfig:
+    spec: str = opt("", "a multi-turn environment, python:<module>:<Class> (core/environment.py): each rollout is a "
+                        "conversation with it, scored by its rewards; empty: one reply per prompt, scored by "
+                        "reward.scorer")
+    max_turns: int = opt(4, "the policy's replies in one conversation at most: one not done by then is an error of "
+                            "the environment's", ge=1, le=64)
+    timeout_s: float = opt(60.0, "seconds an environment's reset or step may take", gt=0.0)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -255,6 +269,7 @@ class RunConfig:
     reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    environment: EnvironmentConfig = dataclasses.field(default_factory=EnvironmentConfig)
     preferences: PreferenceConfig = dataclasses.field(default_factory=PreferenceConfig)
     rm: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
     west_of_n: WestOfNConfig = dataclasses.field(default_factory=WestOfNConfig)
@@ -307,6 +322,18 @@ class RunConfig:
             raise ConfigError(f"train.buffer_size ({self.train.buffer_size}) must hold at least one "
                               f"request (generation.prompts_per_request = {self.generation.prompts_per_request})")
         gen = self.generation
+        if self.environment.spec and self.ppo.advantage == "gae":
+            raise ConfigError(f"environment.spec = {self.environment.spec!r} makes each rollout a conversation, whose "
+                              f"environment turns sit between the policy's: GAE's value bootstrapping would run across "
+                              f"them. Use a critic-free estimator (ppo.advantage grpo, rloo or reinforce_pp)")
+        if gen.inflight_updates and self.train.max_staleness < 1:
+            raise ConfigError("generation.inflight_updates = true changes the weights under requests in flight, so a "
+                              "reply can hold tokens of the version before the learner's last: set "
+                              "train.max_staleness >= 1 (it is 0), or generation.inflight_updates=false")
+        if gen.inflight_updates and self.ppo.lora_rank:
+            raise ConfigError(f"generation.inflight_updates = true does not work with LoRA yet (ppo.lora_rank = "
+                              f"{self.ppo.lora_rank}): a paused request keeps the adapter it started with, which the "
+                              f"next version removes; set generation.inflight_updates=false")
         if gen.autoscale_max_workers and not 1 <= gen.autoscale_min_workers <= gen.autoscale_max_workers:
             raise ConfigError(f"generation.autoscale_min_workers ({gen.autoscale_min_workers}) must be between 1 and "
                               f"generation.autoscale_max_workers ({gen.autoscale_max_workers}) when autoscaling is on")
@@ -330,6 +357,11 @@ class RunConfig:
                               f"not of the nucleus the workers would sample from. top_p < 1 is for best-of-n, "
                               f"make-preferences and west-of-n")
 
+    def conversations(self) -> Conversations | None:
+        """What the workers need to hold conversations with `environment.spec`, or None without one."""
+        env = self.environment
+        return Conversations(env.spec, env.max_turns, env.timeout_s, self.data.system_prompt) if env.spec else None
+
     def _check_specs(self) -> None:
         """Every scorer, judge and model the config names exists (core/specs.py), checked without loading it."""
         check_model(self.model.path, "model.path")
@@ -338,6 +370,7 @@ class RunConfig:
                             ("preferences.labeller", self.preferences.labeller)]:
             check_scorer(spec, field)
         check_judge(self.elo.judge, "elo.judge")
+        check_environment(self.environment.spec, "environment.spec")
         check_data_file(self.data.path, "data.path")
         check_data_file(self.data.eval_path, "data.eval_path")
 

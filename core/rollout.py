@@ -17,12 +17,26 @@ class Rollout:
     response_ids: list[int]  # sampled tokens, EOS included when the response finished
     text: str  # the response, decoded
     logprobs: list[float]  # behaviour policy's log-prob of each response token (from vLLM)
-    version: int  # policy version that generated it
+    version: int  # policy version that sampled its first token (the oldest of its tokens)
     worker: str  # name of the generation worker
     finished: bool  # ended with EOS rather than the length limit
     score: float | None = None  # reward server's scalar for the whole response
     ref_logprobs: list[float] | None = field(default=None, repr=False)  # frozen reference, per token
     draw: int = -1  # serial number of the prompt draw it answers (see actors/prompt_ledger.py)
+    # the version that sampled each response token, where they differ (`generation.inflight_updates`: a new
+    # version loaded while the reply was being sampled); None: every token is of `version`
+    token_versions: list[int] | None = field(default=None, repr=False)
+    # a conversation (core/environment.py): 1 on the tokens the policy sampled, 0 on the environment's messages
+    # between its replies (the learner trains on the first only); None: every response token is the policy's
+    policy_mask: list[int] | None = field(default=None, repr=False)
+
+    def versions(self) -> list[int]:
+        """The policy version that sampled each response token."""
+        return self.token_versions or [self.version] * len(self.response_ids)
+
+    def mask(self) -> list[int]:
+        """1 on each response token the policy sampled, 0 on the environment's."""
+        return self.policy_mask or [1] * len(self.response_ids)
 
 
 @dataclass
@@ -31,7 +45,8 @@ class RolloutBatch:
 
     input_ids: torch.Tensor  # (B, P + T) prompt then response token ids
     attention_mask: torch.Tensor  # (B, P + T) 1 on real tokens
-    response_mask: torch.Tensor  # (B, T) 1.0 on response tokens, 0.0 on padding
+    response_mask: torch.Tensor  # (B, T) 1.0 on response tokens the policy sampled, 0.0 on padding (and on an
+    # environment's messages inside a conversation)
     response_ids: torch.Tensor  # (B, T) response token ids (pad where masked)
     behaviour_logprobs: torch.Tensor  # (B, T) log-probs of the sampled tokens under the policy that sampled them
     ref_logprobs: torch.Tensor  # (B, T) reference model's log-probs of the same tokens
@@ -77,6 +92,8 @@ def collate(rollouts: list[Rollout], pad_id: int, with_reference: bool = True) -
     input_ids, attention_mask, response_ids, response_mask = pad(
         [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], pad_id)
     T = response_ids.shape[1]
+    if any(r.policy_mask is not None for r in rollouts):  # conversations: the environment's tokens are not trained
+        response_mask = _pad_floats([r.mask() for r in rollouts], T)
     return RolloutBatch(
         input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
         response_ids=response_ids, behaviour_logprobs=_pad_floats([r.logprobs for r in rollouts], T),

@@ -1,6 +1,7 @@
 """The one held-out evaluation of a policy's replies, shared by the PPO job's evaluations (learner/train.py)
 and the pipeline's before-and-after comparisons (`rlhf sft`, `rlhf dpo`): `train.eval_samples` samples of
-each held-out prompt at `train.eval_temperature`, each judged by the gold scorer."""
+each held-out prompt at `train.eval_temperature`, each judged by the gold scorer (or, in a job of conversations,
+as many conversations, each judged by its environment)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import statistics
 from dataclasses import dataclass
 
 from actors.worker_pool import WorkerPool, sample
+from core.environment import Conversations
 from core.prompts import Prompt
 from core.rollout import Rollout
 from reward_server.scorers import Scorer, score_checked
@@ -32,8 +34,12 @@ class HeldOut:
 
 
 def judge_held_out(pool: WorkerPool, prompts: list[Prompt], gold: Scorer, samples: int, temperature: float,
-                   label: str = "evaluation") -> HeldOut:
-    """`samples` replies to each held-out prompt from the pool's policy, at `temperature`, judged by `gold`."""
-    groups = sample(pool, prompts, samples, temperature, label=label)
+                   label: str = "evaluation", conversations: Conversations | None = None) -> HeldOut:
+    """`samples` replies to each held-out prompt from the pool's policy, at `temperature`, judged by `gold`; with
+    `conversations`, `samples` conversations about each, judged by their environment."""
+    groups = sample(pool, prompts, samples, temperature, label=label, conversations=conversations)
     prompt_texts = [p.text for p, group in zip(prompts, groups) for _ in group]
-    return HeldOut(groups, prompt_texts, score_checked(gold, prompt_texts, [r.text for g in groups for r in g]))
+    rollouts = [r for g in groups for r in g]
+    if conversations is not None:
+        return HeldOut(groups, prompt_texts, [r.score for r in rollouts])
+    return HeldOut(groups, prompt_texts, score_checked(gold, prompt_texts, [r.text for r in rollouts]))

@@ -138,10 +138,11 @@ def token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> T
     """`shaped_rewards` from a per-token KL (B, T) already computed: -kl_coef * KL_t on every real token, the
     score (B,) added on the last one; 0 on padding."""
     rewards = -kl_coef * _zero_padding(kl, mask)
-    lengths = mask.sum(dim=1).long()
-    # Right padding puts the last real token at length - 1; an empty row has none and gets no score.
-    last = (lengths - 1).clamp(min=0).unsqueeze(1)
-    score = torch.where(lengths > 0, scores.to(rewards.dtype), 0.0).unsqueeze(1)
+    # The last real token: the last column the mask holds (right padding puts it at length - 1; in a
+    # conversation the environment's messages sit between the policy's tokens); an empty row gets no score.
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device).expand_as(mask)
+    last = ((mask > 0) * positions).amax(dim=1, keepdim=True).clamp(min=1) - 1
+    score = torch.where(mask.sum(dim=1) > 0, scores.to(rewards.dtype), 0.0).unsqueeze(1)
     return rewards.scatter_add(1, last, score)
 
 

@@ -57,12 +57,20 @@ def ppo_step(stream: RolloutStream, learner, batch_size: int, overlap: bool) -> 
     with timer("publish"):
         publish_weights(stream, learner, block=not overlap)
 
-    lags = [stream.learner_version - 1 - r.version for r in rollouts]
     tokens = sum(len(r.response_ids) for r in rollouts)
     metrics.update({**timer.seconds, **stream.lap_stage_times(), **stream.stats(), **stream.reward.counters,
-                    "version/lag_mean": statistics.mean(lags), "version/lag_max": max(lags),
+                    **version_lags(rollouts, stream.learner_version - 1),
                     "timing/step": timer.total(), "throughput/tokens_per_s": tokens / timer.total()})
     return metrics, rollouts
+
+
+def version_lags(rollouts: list[Rollout], trained_at: int) -> dict[str, float]:
+    """How many versions behind the policy that trained on them (`trained_at`) the rollouts' tokens were
+    sampled, counted per token (a reply sampled across an in-flight update holds tokens of several versions):
+    the mean and the largest lag, and the fraction of replies whose tokens are of more than one version."""
+    lags = [trained_at - v for r in rollouts for v in r.versions()]
+    return {"version/lag_mean": statistics.mean(lags) if lags else 0.0, "version/lag_max": max(lags, default=0),
+            "version/mixed_frac": sum(r.token_versions is not None for r in rollouts) / len(rollouts)}
 
 
 def publish_weights(stream: RolloutStream, learner, block: bool) -> None:
@@ -126,17 +134,20 @@ def run_steps(loop: Loop, first_step: int) -> None:
 
 def evaluate(loop: Loop) -> dict:
     """Held-out prompts sampled by the current policy, judged by the gold scorer and by the reward server
-    (the proxy PPO optimises: a proxy that rises while gold falls is reward over-optimisation). KL is the
-    sum over response tokens of log pi - log pi_ref, both at the evaluation's sampling temperature (vLLM's
-    log-probs are of the distribution it sampled from)."""
+    (the proxy PPO optimises: a proxy that rises while gold falls is reward over-optimisation); in a job of
+    conversations, judged by their environment. KL is the sum over the policy's response tokens of
+    log pi - log pi_ref, both at the evaluation's sampling temperature (vLLM's log-probs are of the
+    distribution it sampled from)."""
     train, stream = loop.cfg.train, loop.stream
-    held_out = judge_held_out(stream.pool, loop.eval_prompts, loop.gold, train.eval_samples, train.eval_temperature)
+    held_out = judge_held_out(stream.pool, loop.eval_prompts, loop.gold, train.eval_samples, train.eval_temperature,
+                              conversations=stream.conversations)
     rollouts, responses = held_out.rollouts, [r.text for r in held_out.rollouts]
-    proxy = stream.reward.submit(held_out.prompt_texts, responses)
+    # a conversation's proxy is its environment's judgement, which is the gold one too
+    proxy = held_out.gold if stream.conversations else stream.reward.submit(held_out.prompt_texts, responses)
     ref_logprobs = stream.watchdog.get(
         loop.reference.ref_logprobs.remote([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
                                            train.eval_temperature), "reference", "ref_logprobs")
-    kls = [sum(a - b for a, b in zip(r.logprobs, ref)) for r, ref in zip(rollouts, ref_logprobs)]
+    kls = [sum((a - b) * m for a, b, m in zip(r.logprobs, ref, r.mask())) for r, ref in zip(rollouts, ref_logprobs)]
     demos = {}
     if loop.eval_demos:  # the alignment tax: how much less likely the policy finds demonstrated replies
         demos = stream.wait(loop.learner.perplexity(loop.eval_demos), "learner", "perplexity")
@@ -145,6 +156,6 @@ def evaluate(loop: Loop) -> dict:
         demos["eval/elo"] = loop.ladder.add(f"step {loop.step}", loop.step, [g[0].text for g in held_out.groups],
                                             "this run")
     return {**demos, **held_out.figures(),
-            "eval/proxy_reward_mean": statistics.mean(stream.reward.result(proxy)),
+            "eval/proxy_reward_mean": statistics.mean(proxy if stream.conversations else stream.reward.result(proxy)),
             "eval/kl_mean": statistics.mean(kls),
             "eval/policy_version": min(r.version for r in rollouts)}

@@ -23,7 +23,8 @@ def steps_done(out) -> int:
     path = out / "metrics.jsonl"
     if not path.exists():
         return 0
-    return max((json.loads(line)["step"] for line in path.read_text().splitlines()), default=0)
+    complete = path.read_text().split("\n")[:-1]  # not a last line the job is still writing
+    return max((json.loads(line)["step"] for line in complete), default=0)
 
 
 def records(out):

@@ -241,3 +241,12 @@ def test_group_estimators_need_several_samples_per_prompt():
     cfg = build_config({"ppo": {"advantage": "grpo"}, "generation": {"samples_per_prompt": 4}})
     assert cfg.ppo.advantage == "grpo"
     assert build_config({"ppo": {"advantage": "reinforce_pp"}}).ppo.advantage == "reinforce_pp"
+
+
+def test_inflight_updates_need_staleness_and_full_fine_tuning():
+    with pytest.raises(ConfigError, match=r"set train.max_staleness >= 1 \(it is 0\)"):
+        build_config({"generation": {"inflight_updates": True}})
+    on = {"generation": {"inflight_updates": True}, "train": {"max_staleness": 1}}
+    assert build_config(on).generation.inflight_updates
+    with pytest.raises(ConfigError, match=r"does not work with LoRA yet \(ppo.lora_rank = 8\)"):
+        build_config({**on, "ppo": {"lora_rank": 8}})
