@@ -269,5 +269,6 @@ class RolloutStream:
 
     def lap_stage_times(self) -> dict:
         """Wall-clock seconds each stage was busy since the last lap (`timing/generate`, `timing/score`,
-        `timing/reference`); the job laps once per step."""
+        `timing/reference`); the job laps at the start and the end of each step, so that they count the
+        step's own time (running ahead, a stage may be idle through a step whose rollouts were ready)."""
         return {f"timing/{stage}": clock.lap() for stage, clock in self.clocks.items()}

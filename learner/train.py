@@ -49,6 +49,7 @@ class StepTimer:
 
 def ppo_step(stream: RolloutStream, learner, batch_size: int, overlap: bool) -> tuple[dict, list[Rollout]]:
     """One PPO iteration, three timed blocks; returns its metrics and the rollouts it trained on."""
+    stream.lap_stage_times()  # the stages' busy time counts from here: work between steps is not this step's
     timer = StepTimer()
     with timer("take"):  # generate -> score + reference log-probs, chunk by chunk, in the stream
         rollouts = stream.take(batch_size)
