@@ -132,7 +132,8 @@ class GenerationWorker:
         # (chunked prefill) fails with "CPU Generator does not use offset". The engine is seeded.
         params = SamplingParams(
             temperature=self.cfg.temperature if temperature is None else temperature, top_p=self.cfg.top_p,
-            max_tokens=max_tokens or self.cfg.max_new_tokens, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY)
+            top_k=self.cfg.top_k, max_tokens=max_tokens or self.cfg.max_new_tokens, logprobs=0,
+            output_kind=RequestOutputKind.FINAL_ONLY)
         started = time.perf_counter()
         outputs = await asyncio.gather(*(self._request(ids, params) for _, ids in prompts for _ in range(n)))
         rollouts = [self._rollout(index, ids, out.outputs[0])
@@ -221,7 +222,7 @@ class GenerationWorker:
             room = self.cfg.max_model_len - len(ids)
             if room < 1:
                 break
-            params = SamplingParams(temperature=temperature, top_p=self.cfg.top_p, logprobs=0,
+            params = SamplingParams(temperature=temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k, logprobs=0,
                                     max_tokens=min(self.cfg.max_new_tokens, room),
                                     output_kind=RequestOutputKind.FINAL_ONLY)
             sample = (await self._request(ids, params)).outputs[0]

@@ -32,6 +32,7 @@ from core.config import RunConfig
 from core.errors import JobHung
 from core.monitoring import JobMetrics, MemoryWatch
 from core.prompts import Prompt, load_prompts
+from core.rollout_records import RolloutRecords, tokenizer_id
 from learner.metrics import RunLogger
 from learner.sft import encoded_demonstrations
 from learner.train import Loop, evaluate, publish_weights, run_steps
@@ -92,6 +93,7 @@ class Job:
     memory: MemoryWatch
     gauges: JobMetrics
     stop: GracefulStop
+    tokenizer_id: str = ""  # the policy's tokenizer's fingerprint (core/rollout_records.py), for kept rollouts
 
 
 def train(cfg: RunConfig) -> dict:
@@ -111,7 +113,7 @@ def train(cfg: RunConfig) -> dict:
     resume = checkpoint.resume_from(cfg.train.resume, cfg.train.output_dir)
     start_ray(cfg.train)
     job = Job(cfg, model_path, train_prompts, eval_prompts, ptx, eval_demos, started, memory,
-              JobMetrics(storage.basename(cfg.train.output_dir)), GracefulStop())
+              JobMetrics(storage.basename(cfg.train.output_dir)), GracefulStop(), tokenizer_id(tokenizer))
     try:
         for attempt in range(cfg.train.max_learner_restarts + 1):
             try:
@@ -168,6 +170,18 @@ def _attempt(job: Job, resume: str | None, attempt: int) -> dict:
         shutdown_roles(roles)
 
 
+def _rollout_records(cfg, tokenizer: str, run_id: str | None, step: int) -> RolloutRecords | None:
+    """`train.keep_rollouts`: the rollouts folder, without the parts of steps after `step` (trained again)."""
+    if not cfg.train.keep_rollouts:
+        return None
+    run = storage.basename(cfg.train.output_dir) + (f"/{run_id}" if run_id else "")
+    records = RolloutRecords(cfg.train.output_dir, run, cfg.model.path, tokenizer)
+    if dropped := records.drop_after(step):
+        print(f"rollouts of steps {dropped[0]}-{dropped[-1]} removed from {records.location}: "
+              f"{'the run starts afresh' if step == 0 else f'they are trained again after step {step}'}", flush=True)
+    return records
+
+
 def _start_loop(job: Job, roles: Roles, stream: RolloutStream, resume: str | None) -> Loop:
     """The loop at its start: from a checkpoint (the workers get its weights), or from the initial policy
     with the held-out figures before training."""
@@ -189,6 +203,7 @@ def _start_loop(job: Job, roles: Roles, stream: RolloutStream, resume: str | Non
     loop = Loop(cfg, stream, roles.learner, roles.reference, job.eval_prompts, make_scorer(cfg.train.gold_scorer),
                 logger, save_checkpoint, eval_demos=job.eval_demos, ladder=_ladder(cfg, job.eval_prompts),
                 stop_requested=lambda: job.stop.requested is not None, record=job.gauges.record,
+                records=_rollout_records(cfg, job.tokenizer_id, logger.run_id, meta.get("step", 0)),
                 step=meta.get("step", 0))
     if resume is not None:
         loop.before, loop.after = meta["before"], meta.get("after", meta["before"])

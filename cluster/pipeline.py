@@ -184,10 +184,14 @@ def pick_best(scores: list[list[float]], n: int) -> list[int]:
 def held_out_gold(cfg, model_path: str, label: str) -> dict[str, float]:
     """The held-out evaluation of a PPO job (learner/evaluation.py) of the policy at `model_path`: its gold
     reward (`eval/gold_reward_mean`), reply length and share of finished replies."""
+    return held_out_judged(cfg, model_path, label).figures()
+
+
+def held_out_judged(cfg, model_path: str, label: str):
+    """The held-out samples of the policy at `model_path`, judged by the gold scorer (`HeldOut`)."""
     from learner.evaluation import judge_held_out
 
     _, _, held_out = policy_prompts(cfg)
     with generation_workers(cfg, model_path) as pool:
-        judged = judge_held_out(pool, held_out, make_scorer(cfg.train.gold_scorer), cfg.train.eval_samples,
-                                cfg.train.eval_temperature, label=f"{label} samples")
-    return judged.figures()
+        return judge_held_out(pool, held_out, make_scorer(cfg.train.gold_scorer), cfg.train.eval_samples,
+                              cfg.train.eval_temperature, label=f"{label} samples")

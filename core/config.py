@@ -19,10 +19,12 @@ from typing import Any
 import yaml
 
 from core.config_fields import AUTO_HELP, AUTOCAST_HELP, DTYPES, LOOPBACK, ConfigError, opt
+from core.environment import Conversations, check_environment
 from core.pipeline_config import (
     BestOfNConfig,
     DPOConfig,
     EloConfig,
+    ILQLConfig,
     OnlineRLHFConfig,
     PreferenceConfig,
     RewardModelConfig,
@@ -30,7 +32,6 @@ from core.pipeline_config import (
     SFTConfig,
     WestOfNConfig,
 )
-from core.environment import Conversations, check_environment
 from core.specs import check_data_file, check_judge, check_model, check_scorer
 
 
@@ -61,6 +62,8 @@ class GenerationConfig:
     temperature: float = opt(1.0, "sampling temperature (the learner scales logits by it too)", gt=0.0, le=5.0)
     top_p: float = opt(1.0, "nucleus sampling mass; PPO (`rlhf train`) needs 1.0: the learner's log-probs are of the "
                        "whole distribution", gt=0.0, le=1.0)
+    top_k: int = opt(0, "sample among the k likeliest tokens only; 0: all. PPO (`rlhf train`) needs 0, as top_p 1; "
+                     "`rlhf ilql` sets it to ilql.top_k for its evaluation", ge=0)
     samples_per_prompt: int = opt(4, "responses sampled per prompt (a group of them is GRPO's baseline)", ge=1, le=64)
     prompts_per_request: int = opt(16, "prompts a worker holds at once: with `streaming`, handed one at a time and "
                                    "refilled as each one's samples finish; without, in one call", ge=1)
@@ -243,6 +246,9 @@ class TrainConfig:
                                     "checkpoint before it gives up", ge=0)
     checkpoint_every: int = opt(10, "write a resumable checkpoint every k steps (and at the end)", ge=1)
     keep_checkpoints: int = opt(2, "resumable checkpoints kept in output_dir/checkpoints (oldest go first)", ge=1)
+    keep_rollouts: bool = opt(False, "write every rollout trained on (prompt, response, reward, policy version, "
+                              "tokens) to output_dir/rollouts, a JSONL part per step, for offline learning "
+                              "(`rlhf ilql`) or `datasets`")
     resume: str = opt("", "`auto`: continue from the last checkpoint in output_dir if there is one; a "
                       "checkpoint directory: continue from it; empty: start afresh")
     hang_timeout_s: float = opt(1200.0, "a job none of whose remote calls has finished for this long is stuck: it "
@@ -279,6 +285,7 @@ class RunConfig:
     online: OnlineRLHFConfig = dataclasses.field(default_factory=OnlineRLHFConfig)
     best_of_n: BestOfNConfig = dataclasses.field(default_factory=BestOfNConfig)
     rm_report: RMReportConfig = dataclasses.field(default_factory=RMReportConfig)
+    ilql: ILQLConfig = dataclasses.field(default_factory=ILQLConfig)
 
     @property
     def reference_in_learner(self) -> bool:
@@ -356,6 +363,9 @@ class RunConfig:
                               f"(the PPO ratio, the KL penalty, the off-policy weights) are of the whole distribution, "
                               f"not of the nucleus the workers would sample from. top_p < 1 is for best-of-n, "
                               f"make-preferences and west-of-n")
+        if self.generation.top_k:
+            raise ConfigError(f"generation.top_k = {self.generation.top_k} but PPO needs 0 (all tokens), for the "
+                              f"reason it needs top_p = 1: the learner's log-probs are of the whole distribution")
 
     def conversations(self) -> Conversations | None:
         """What the workers need to hold conversations with `environment.spec`, or None without one."""
@@ -373,6 +383,7 @@ class RunConfig:
         check_environment(self.environment.spec, "environment.spec")
         check_data_file(self.data.path, "data.path")
         check_data_file(self.data.eval_path, "data.eval_path")
+        check_data_file(self.ilql.path, "ilql.path")
 
     def _check_learner_group(self) -> None:
         """Every rank of a learner group must get rows of every minibatch (a rank with none would leave the

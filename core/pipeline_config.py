@@ -1,5 +1,6 @@
 """The config sections of the pipeline stages around PPO: preference data, reward-model training, SFT, DPO,
-Elo ratings, online RLHF, West-of-N, Best-of-N and the reward-modeling report. `RunConfig` (core/config.py) composes them with the PPO job's."""
+Elo ratings, online RLHF, West-of-N, Best-of-N, the reward-modeling report and ILQL. `RunConfig`
+(core/config.py) composes them with the PPO job's."""
 
 from __future__ import annotations
 
@@ -136,3 +137,38 @@ class RMReportConfig:
     pairs: int = opt(256, "D, the gold-labelled pairs of the base reward model (and of each addition)", ge=2)
     eval_pairs: int = opt(256, "held-out gold-labelled pairs every reward model is judged on", ge=2)
     output_dir: str = opt("runs/rm_report", "where `rlhf rm-report` writes its pairs, models and results")
+
+
+@dataclass
+class ILQLConfig(TrainerFields):
+    path: str = opt("", "scored replies: the rollouts folder of a job run with train.keep_rollouts=true, or any "
+                        "data file (JSONL/JSON/Parquet/CSV) or Hub dataset with prompt, response and reward columns")
+    prompt_column: str = opt("prompt", "column of the requests (a string or role/content messages)")
+    response_column: str = opt("response", "column of the replies")
+    reward_column: str = opt("reward", "column of each reply's reward")
+    on_bad_row: str = opt("error", "a row without a reward, with a non-finite one, an empty response or one over "
+                                   "max_length: `error` names them all; `skip` trains without them",
+                          choices=("error", "skip"))
+    eval_fraction: float = opt(0.05, "share of the replies held out for the held-out losses", gt=0.0, lt=1.0)
+    heads: str = opt("linear", "`linear`: Q heads fold into the LM head (an ordinary model vLLM serves); `mlp`: "
+                               "the paper's hidden -> 2 hidden -> out heads, decoded in the learner",
+                     choices=("linear", "mlp"))
+    two_qs: bool = opt(True, "two Q heads, the smaller target taken (as the paper); false: one")
+    tau: float = opt(0.7, "expectile of V's regression on the target Qs (0.5: their mean; toward 1: their best)",
+                     gt=0.0, lt=1.0)
+    gamma: float = opt(0.99, "discount per token", gt=0.0, le=1.0)
+    cql_scale: float = opt(0.1, "weight of the CQL term", ge=0.0)
+    awac_scale: float = opt(1.0, "weight of the language-model term on the data's tokens", ge=0.0)
+    lm_term: str = opt("plain", "the language-model term: `plain` NLL, or `advantage`-weighted (AWAC: exp(Q - V), "
+                                "clipped at 20)", choices=("plain", "advantage"))
+    polyak: float = opt(1.0, "target Qs <- polyak Q + (1 - polyak) target at each sync (1: a copy)", gt=0.0, le=1.0)
+    target_sync_every: int = opt(10, "optimiser steps between target syncs", ge=1)
+    beta: float = opt(4.0, "decoding: logits + beta (Q - V)", ge=0.0)
+    top_k: int = opt(20, "decoding: sample among the k likeliest perturbed tokens; 0: all", ge=0)
+    lr: float = opt(1e-5, "AdamW learning rate of the LM", gt=0.0, lt=1.0)
+    head_lr: float = opt(1e-3, "AdamW learning rate of the Q and V heads (they start at zero)", gt=0.0, lt=1.0)
+    epochs: int = opt(1, "passes over the scored replies", ge=1, le=100)
+    batch_size: int = opt(16, "replies per optimiser step", ge=1)
+    max_length: int = opt(256, "longest prompt (chat template) + reply, tokens", ge=16)
+    output_dir: str = opt("runs/ilql", "where the ILQL policy (linear heads: an HF directory for model.path) and its "
+                                       "heads go")

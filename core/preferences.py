@@ -118,13 +118,15 @@ def conversation(prompt: str | list[dict], response: str) -> list[dict]:
     return messages + [{"role": "assistant", "content": response}]
 
 
-def split_pairs(pairs: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, eval): a shuffle by `seed`, then the first `eval_fraction` of it held out for evaluation."""
+def split_pairs(pairs: list, eval_fraction: float, seed: int, field: str = "preferences.eval_fraction"
+                ) -> tuple[list, list]:
+    """(train, eval): a shuffle by `seed`, then the first `eval_fraction` (the config's `field`) of it held out
+    for evaluation."""
     n_eval = round(len(pairs) * eval_fraction)
     if not 0 < n_eval < len(pairs):
-        raise PreferenceDataError(f"{len(pairs)} pairs with preferences.eval_fraction = {eval_fraction} leave "
-                                  f"{n_eval} for evaluation and {len(pairs) - n_eval} for training; both need "
-                                  f"at least one, so choose a fraction strictly between the two or add data")
+        raise PreferenceDataError(f"{len(pairs)} rows with {field} = {eval_fraction} leave {n_eval} for evaluation "
+                                  f"and {len(pairs) - n_eval} for training; both need at least one, so choose a "
+                                  f"fraction strictly between the two or add data")
     order = list(pairs)
     random.Random(seed).shuffle(order)
     return order[n_eval:], order[:n_eval]

@@ -93,11 +93,19 @@ def read_rows(path: str, column: str) -> list:
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def read_dataset(path: str, error: type[Exception], holds: str):
-    """A local JSONL/JSON/Parquet/CSV file or a Hub dataset's train split, through `datasets`; any
-    failure is raised as `error` with what the file should hold."""
+def read_dataset(path: str | list[str], error: type[Exception], holds: str):
+    """A local JSONL/JSON/Parquet/CSV file (or a list of JSONL parts, as one) or a Hub dataset's train split,
+    through `datasets`; any failure is raised as `error` with what the file should hold."""
     import datasets
 
+    if isinstance(path, list):
+        try:
+            ds = datasets.load_dataset("json", data_files=path, split="train")
+        except Exception as exc:
+            raise error(f"{Path(path[0]).parent}: its parts could not be read as JSONL: {exc}") from exc
+        if len(ds) == 0:
+            raise error(f"{Path(path[0]).parent}: its parts hold no rows; they must hold {holds}")
+        return ds
     local = Path(path).expanduser()
     if local.exists():
         if local.suffix not in FILE_FORMATS:

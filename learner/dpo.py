@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from actors.reference import ReferenceModel
 from core.demonstrations import raise_or_skip
-from core.preferences import PreferenceDataError, PreferencePair
 from core.forward import reply_logprobs
+from core.preferences import PreferenceDataError, PreferencePair
 from learner.sft import encode_reply, load_policy
 from learner.trainer import Trainer
 
@@ -96,14 +96,6 @@ class DPOTrainer(Trainer):
         loss, stats = self._pair_loss(batch)
         return loss, {f"train/{k}": v.item() for k, v in stats.items()}
 
-    @torch.no_grad()
     def evaluate(self, pairs: list[EncodedPair]) -> dict[str, float]:
         """Held-out loss, implicit-reward accuracy and margin, weighted by pairs."""
-        self.model.eval()
-        totals: dict[str, float] = {}
-        for start in range(0, len(pairs), self.cfg.batch_size):
-            batch = pairs[start:start + self.cfg.batch_size]
-            loss, stats = self._pair_loss(batch)
-            for k, v in {"loss": loss, **stats}.items():
-                totals[k] = totals.get(k, 0.0) + v.item() * len(batch)
-        return {f"eval/{k}": v / max(len(pairs), 1) for k, v in totals.items()}
+        return self.held_out_means(pairs, self._pair_loss)

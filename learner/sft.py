@@ -111,7 +111,7 @@ def split(demos: list[Demonstration], cfg: SFTConfig) -> tuple[list[Demonstratio
     """(train, held-out): `sft.eval_path`'s demonstrations, else `sft.eval_fraction` of `sft.path`'s."""
     if cfg.eval_path:
         return demos, _load_logged(cfg.eval_path, cfg)
-    return split_pairs(demos, cfg.eval_fraction, cfg.seed)
+    return split_pairs(demos, cfg.eval_fraction, cfg.seed, "sft.eval_fraction")
 
 
 def _load_logged(path: str, cfg: SFTConfig) -> list[Demonstration]:

@@ -22,6 +22,7 @@ from typing import Callable
 from actors.rollout_stream import RolloutStream
 from core.prompts import Prompt
 from core.rollout import Rollout
+from core.rollout_records import RolloutRecords
 from learner.evaluation import judge_held_out
 from learner.metrics import RunLogger
 from reward_server.ratings import Ladder
@@ -99,6 +100,7 @@ class Loop:
     ladder: Ladder | None  # train.elo: every evaluation's policy, rated against the earlier ones
     stop_requested: Callable[[], bool]  # SIGTERM or Ctrl-C: stop after this step, with a checkpoint
     record: Callable[[dict], None]  # sets the job's Ray gauges from a step's metrics
+    records: RolloutRecords | None = None  # train.keep_rollouts: where each step's rollouts are written
     before: dict = field(default_factory=dict)  # held-out figures before training
     after: dict = field(default_factory=dict)  # the latest held-out figures
     step: int = 0  # the last step done
@@ -124,6 +126,8 @@ def run_steps(loop: Loop, first_step: int) -> None:
             loop.logger.table("samples", ["step", "version", "response", "reward"],
                               [[step, r.version, r.text, r.score] for r in rollouts[:8]])
         loop.logger.log(step, metrics, jsonl_only={"batch/prompt_indices": [r.prompt_index for r in rollouts]})
+        if loop.records is not None:
+            loop.records.write(step, kept_rows(loop.stream, rollouts))
         loop.record(metrics)
         loop.logger.progress(step, metrics)
         if step % train.checkpoint_every == 0 or last or loop.stop_requested():
@@ -131,6 +135,19 @@ def run_steps(loop: Loop, first_step: int) -> None:
         if loop.stop_requested():
             break
     loop.seconds += time.perf_counter() - start
+
+
+def kept_rows(stream: RolloutStream, rollouts: list[Rollout]) -> list[dict]:
+    """The rows `train.keep_rollouts` writes for a step's rollouts (core/rollout_records.py)."""
+    rows = []
+    for r in rollouts:
+        row = {"prompt": stream.ledger.by_index[r.prompt_index].text, "response": r.text, "reward": r.score,
+               "version": r.version, "prompt_index": r.prompt_index, "finished": r.finished,
+               "prompt_ids": r.prompt_ids, "response_ids": r.response_ids}
+        if r.policy_mask is not None:  # a conversation: the environment's messages are inside the response
+            row["policy_mask"] = r.policy_mask
+        rows.append(row)
+    return rows
 
 
 def evaluate(loop: Loop) -> dict:

@@ -42,6 +42,8 @@ class Trainer:
         # fused: one kernel over all parameters, several times faster a step than the default on CPU
         self.optimizer = torch.optim.AdamW(param_groups or model.parameters(), lr=cfg.lr, weight_decay=0.0,
                                            fused=True)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]  # clipped together
+        self.steps = 0  # optimiser steps taken
 
     def loss(self, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
         """The batch's loss to minimise and its other training figures (`train/...`)."""
@@ -50,6 +52,22 @@ class Trainer:
     def evaluate(self, examples: list) -> dict[str, float]:
         """The held-out figures (`eval/...`) of `examples`."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def held_out_means(self, examples: list, losses) -> dict[str, float]:
+        """The held-out figures (`eval/loss` and `eval/<stat>`) of `losses(batch) -> (loss, stats)` over `examples`
+        in batches, each weighted by its batch's size."""
+        self.model.eval()
+        totals: dict[str, float] = {}
+        for start in range(0, len(examples), self.cfg.batch_size):
+            batch = examples[start:start + self.cfg.batch_size]
+            loss, stats = losses(batch)
+            for k, v in {"loss": loss, **stats}.items():
+                totals[k] = totals.get(k, 0.0) + v.item() * len(batch)
+        return {f"eval/{k}": v / max(len(examples), 1) for k, v in totals.items()}
+
+    def after_step(self) -> None:
+        """Called after each optimiser step (`self.steps` counts them)."""
 
     def _schedule(self, total: int):
         if not self.warmup_decay:
@@ -78,8 +96,10 @@ class Trainer:
                 loss, stats = self.loss(order[start:start + cfg.batch_size])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
+                self.steps += 1
+                self.after_step()
                 if schedule:
                     schedule.step()
                 for k, v in {"train/loss": loss.item(), **stats}.items():

@@ -153,6 +153,6 @@ def max_gap(a, b):
 
 # every command that reads a run config, with the arguments it needs
 COMMAND_LINES = [["train"], ["chaos", "--simulate"], ["serve-reward"], ["make-demos"], ["sft"], ["make-preferences"],
-                 ["train-rm"], ["west-of-n"], ["best-of-n"], ["rm-report"], ["dpo"], ["online-rlhf"],
+                 ["train-rm"], ["west-of-n"], ["best-of-n"], ["rm-report"], ["dpo"], ["ilql"], ["online-rlhf"],
                  ["elo", "--player", "a=b"], ["scale", "--workers", "2"], ["status"],
                  ["plan", "--model", "embedded:tiny"], ["config"]]

@@ -158,10 +158,19 @@ def test_a_killed_learner_is_recovered_from_the_last_checkpoint(ray_session, tmp
 
     chaos = Chaos(script)
     chaos.start()
-    summary = train(config(tmp_path, "train.steps=5", "train.checkpoint_every=1"))
+    summary = train(config(tmp_path, "train.steps=5", "train.checkpoint_every=1", "train.keep_rollouts=true"))
     chaos.check()
     assert summary["steps"] == 5 and summary["policy_version"] == 5 and summary["learner_restarts"] == 1
     assert_every_prompt_once(summary)
+    # the kept rollouts are exactly those trained on: the steps trained again after the restart replaced theirs
+    import datasets
+
+    kept = datasets.load_dataset("json", data_dir=str(tmp_path / "rollouts"), split="train").to_list()
+    trained = {r["step"]: sorted(r["batch/prompt_indices"]) for r in records(tmp_path) if r["step"]}  # the last
+    assert {r["step"] for r in kept} == set(range(1, 6))
+    assert {s: sorted(r["prompt_index"] for r in kept if r["step"] == s) for s in trained} == trained
+    assert all(r["response"] and r["reward"] == r["reward"] and len(r["response_ids"]) > 0 for r in kept)
+    assert all(r["version"] <= r["step"] - 1 for r in kept)
 
 
 def test_a_killed_reference_model_is_restarted_and_its_calls_run_again(ray_session, tmp_path):

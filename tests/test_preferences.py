@@ -155,5 +155,7 @@ def test_split_is_deterministic_and_disjoint():
     assert len(evals) == 5 and len(train) == 15
     assert sorted(p.row for p in train + evals) == list(range(20))
     assert split_pairs(pairs, 0.25, seed=4)[1] != evals
-    with pytest.raises(PreferenceDataError, match="eval_fraction"):
+    with pytest.raises(PreferenceDataError, match="preferences.eval_fraction = 0.1"):
         split_pairs(pairs[:3], 0.1, seed=0)
+    with pytest.raises(PreferenceDataError, match="sft.eval_fraction = 0.1"):  # the field of the stage that split
+        split_pairs(pairs[:3], 0.1, seed=0, field="sft.eval_fraction")

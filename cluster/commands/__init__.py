@@ -21,7 +21,7 @@ DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
 
 # In the order `rlhf --help` lists them: the PPO job, the pipeline around it, running jobs, tools.
 COMMANDS = ["train", "chaos", "serve-reward", "make-demos", "sft", "make-preferences", "train-rm", "west-of-n",
-            "best-of-n", "rm-report", "dpo", "online-rlhf", "elo", "scale", "status", "plan", "config",
+            "best-of-n", "rm-report", "dpo", "ilql", "online-rlhf", "elo", "scale", "status", "plan", "config",
             "prepare-model"]
 
 

@@ -57,7 +57,7 @@ def _policy_pairs(cfg, model_path: str, count: int, seed: int, label: str):
     with generation_workers(cfg, model_path) as pool:
         pairs, _ = gold_pairs(pool, prompts, count, make_scorer(pc.labeller), pc.flip_fraction, pc.min_margin, seed,
                               label=label)
-    return split_pairs(pairs, cfg.online.eval_fraction, seed)
+    return split_pairs(pairs, cfg.online.eval_fraction, seed, "online.eval_fraction")
 
 
 def online_rlhf(cfg) -> list[dict]:
