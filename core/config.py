@@ -30,6 +30,7 @@ from core.pipeline_config import (
     RewardModelConfig,
     RMReportConfig,
     SFTConfig,
+    TrainerFields,
     WestOfNConfig,
 )
 from core.specs import check_data_file, check_judge, check_model, check_scorer
@@ -407,9 +408,9 @@ class RunConfig:
 
     def _resolve_auto_dtypes(self) -> None:
         """`auto` becomes bfloat16 where the device computes it natively, else full precision."""
-        for sub, name, full in [(self.generation, "dtype", "float32"), (self.ppo, "autocast", "none"),
-                                (self.rm, "autocast", "none"), (self.sft, "autocast", "none"),
-                                (self.dpo, "autocast", "none")]:
+        trainers = [(getattr(self, f.name), "autocast", "none") for f in dataclasses.fields(self)
+                    if isinstance(getattr(self, f.name), TrainerFields)]  # rm, sft, dpo, ilql, ...
+        for sub, name, full in [(self.generation, "dtype", "float32"), (self.ppo, "autocast", "none"), *trainers]:
             if getattr(sub, name) == "auto":
                 setattr(sub, name, "bfloat16" if native_bf16(sub.device) else full)
 

@@ -125,6 +125,8 @@ def test_auto_dtypes_use_bf16_only_where_the_hardware_has_it(monkeypatch, native
     half = "bfloat16" if native else None
     assert cfg.generation.dtype == (half or "float32")
     assert (cfg.ppo.autocast, cfg.rm.autocast) == (half or "none",) * 2
+    # every stage that trains in its own process (rm, sft, dpo, ilql: the trainer fields) resolves its own
+    assert {cfg.sft.autocast, cfg.dpo.autocast, cfg.ilql.autocast} == {half or "none"}
     # on CUDA it is bf16 whatever the CPU; an explicit value is kept
     cfg = build_config({"generation": {"device": "cuda"}, "ppo": {"autocast": "float16"}})
     assert (cfg.generation.dtype, cfg.ppo.autocast, cfg.rm.autocast) == ("bfloat16", "float16", half or "none")
