@@ -20,6 +20,13 @@ class Progress:
     def rate(self) -> float:
         return self.done / max(time.perf_counter() - self.start, 1e-9)
 
+    def pace(self) -> str:
+        """The rate as a reader wants it: `2.1 steps/s`, or for slow loops `23.4 s/step`."""
+        rate = self.rate()
+        if rate >= 0.5:
+            return f"{rate:.1f} {self.unit}/s"
+        return f"{1 / max(rate, 1e-9):.1f} s/{self.unit.removesuffix('s')}"
+
     def eta_s(self) -> float:
         return (self.total - self.done) / max(self.rate(), 1e-9)
 
@@ -27,6 +34,6 @@ class Progress:
         self.done += count
         now = time.perf_counter()
         if self.every_s is not None and (now - self.last_log > self.every_s or self.done >= self.total):
-            log.info("%s: %d/%d %s%s | %.1f %s/s | ETA %.0f s", self.label, self.done, self.total, self.unit,
-                     f" | {detail}" if detail else "", self.rate(), self.unit, self.eta_s())
+            log.info("%s: %d/%d %s%s | %s | ETA %.0f s", self.label, self.done, self.total, self.unit,
+                     f" | {detail}" if detail else "", self.pace(), self.eta_s())
             self.last_log = now
