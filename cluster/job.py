@@ -113,7 +113,8 @@ def train(cfg: RunConfig) -> dict:
     resume = checkpoint.resume_from(cfg.train.resume, cfg.train.output_dir)
     start_ray(cfg.train)
     job = Job(cfg, model_path, train_prompts, eval_prompts, ptx, eval_demos, started, memory,
-              JobMetrics(storage.basename(cfg.train.output_dir)), GracefulStop(), tokenizer_id(tokenizer))
+              JobMetrics(storage.basename(cfg.train.output_dir)), GracefulStop(),
+              tokenizer_id(tokenizer) if cfg.train.keep_rollouts else "")
     try:
         for attempt in range(cfg.train.max_learner_restarts + 1):
             try:

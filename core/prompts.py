@@ -98,24 +98,22 @@ def read_dataset(path: str | list[str], error: type[Exception], holds: str):
     through `datasets`; any failure is raised as `error` with what the file should hold."""
     import datasets
 
-    if isinstance(path, list):
+    if isinstance(path, list):  # the parts of one data set
+        source, builder, files = str(Path(path[0]).parent), "json", path
+    else:
+        local = Path(path).expanduser()
+        source, builder, files = path, None, None
+        if local.exists():
+            if local.suffix not in FILE_FORMATS:
+                raise error(f"{path}: unknown file type {local.suffix!r}; use one of {', '.join(FILE_FORMATS)}")
+            if local.stat().st_size == 0:
+                raise error(f"{path} is empty; it must hold {holds}")
+            builder, files = FILE_FORMATS[local.suffix], str(local)
+    if builder is not None:
         try:
-            ds = datasets.load_dataset("json", data_files=path, split="train")
-        except Exception as exc:
-            raise error(f"{Path(path[0]).parent}: its parts could not be read as JSONL: {exc}") from exc
-        if len(ds) == 0:
-            raise error(f"{Path(path[0]).parent}: its parts hold no rows; they must hold {holds}")
-        return ds
-    local = Path(path).expanduser()
-    if local.exists():
-        if local.suffix not in FILE_FORMATS:
-            raise error(f"{path}: unknown file type {local.suffix!r}; use one of {', '.join(FILE_FORMATS)}")
-        if local.stat().st_size == 0:
-            raise error(f"{path} is empty; it must hold {holds}")
-        try:
-            ds = datasets.load_dataset(FILE_FORMATS[local.suffix], data_files=str(local), split="train")
+            ds = datasets.load_dataset(builder, data_files=files, split="train")
         except Exception as exc:  # datasets raises several types for unreadable files
-            raise error(f"{path} could not be read as {FILE_FORMATS[local.suffix]}: {exc}") from exc
+            raise error(f"{source} could not be read as {builder}: {exc}") from exc
     else:
         try:
             ds = datasets.load_dataset(path, split="train")
@@ -123,7 +121,7 @@ def read_dataset(path: str | list[str], error: type[Exception], holds: str):
             raise error(f"{path!r} is neither a local file nor a Hub dataset whose 'train' split could be "
                         f"loaded: {exc}") from exc
     if len(ds) == 0:
-        raise error(f"{path} has no rows")
+        raise error(f"{source} has no rows")
     return ds
 
 

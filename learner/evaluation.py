@@ -27,10 +27,13 @@ class HeldOut:
 
     def figures(self) -> dict[str, float]:
         rollouts = self.rollouts
-        return {"eval/gold_reward_mean": statistics.mean(self.gold),
-                "eval/gold_reward_std": statistics.pstdev(self.gold),
-                "eval/response_len": statistics.mean(len(r.response_ids) for r in rollouts),
-                "eval/finished_frac": statistics.mean(r.finished for r in rollouts)}
+        return held_out_figures(self.gold, [len(r.response_ids) for r in rollouts], [r.finished for r in rollouts])
+
+
+def held_out_figures(gold: list[float], lengths: list[int], finished: list[bool]) -> dict[str, float]:
+    """The held-out figures of judged samples: their gold scores, reply lengths and whether each finished."""
+    return {"eval/gold_reward_mean": statistics.mean(gold), "eval/gold_reward_std": statistics.pstdev(gold),
+            "eval/response_len": statistics.mean(lengths), "eval/finished_frac": statistics.mean(finished)}
 
 
 def judge_held_out(pool: WorkerPool, prompts: list[Prompt], gold: Scorer, samples: int, temperature: float,

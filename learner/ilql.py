@@ -34,6 +34,7 @@ from core.demonstrations import raise_or_skip
 from core.forward import logprobs_from_logits, padded_logprobs
 from core.rollout import pad
 from core.rollout_records import RolloutDataError, ScoredReply
+from learner.ppo_math import masked_mean
 from learner.sft import encode_reply, load_policy
 from learner.trainer import Trainer
 
@@ -41,10 +42,6 @@ if TYPE_CHECKING:
     from core.config import ILQLConfig
 
 log = logging.getLogger(__name__)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def expectile_loss(diff: torch.Tensor, tau: float) -> torch.Tensor:
@@ -141,7 +138,7 @@ def ilql_losses(heads: ILQLHeads, hidden: torch.Tensor, lm_logprobs: torch.Tenso
     """ILQL's loss on one batch: hidden (B, T, H) the states of the reply tokens, lm_logprobs (B, T) the LM's
     log-probs of the actions (B, T), mask (B, T) 1 on reply tokens, rewards (B,). `cfg`: tau, gamma, cql_scale,
     awac_scale, lm_term. Total = Q loss (each head against the TD target) + V loss (expectile) + cql_scale CQL
-    + awac_scale LM term; the stats are detached."""
+    + awac_scale LM term; the stats carry no gradient."""
     qs, targets, v = heads(hidden)
     chosen = [q.gather(-1, actions.unsqueeze(-1)).squeeze(-1) for q in qs]
     target_q = torch.stack([t.gather(-1, actions.unsqueeze(-1)).squeeze(-1) for t in targets]).min(0).values
@@ -158,7 +155,7 @@ def ilql_losses(heads: ILQLHeads, hidden: torch.Tensor, lm_logprobs: torch.Tenso
         stats = {"loss_q": loss_q, "loss_v": loss_v, "loss_cql": loss_cql, "loss_lm": loss_lm,
                  "q_mean": masked_mean(chosen[0], mask), "v_mean": masked_mean(v, mask),
                  "advantage_mean": masked_mean(target_q - v, mask)}
-    return total, {k: s.detach() for k, s in stats.items()}
+    return total, stats
 
 
 def batch_states(model, examples: list[tuple[list[int], list[int], float]], pad_id: int, autocast_dtype: str):
@@ -299,14 +296,6 @@ def folded(model, heads: ILQLHeads, beta: float):
     head.weight = nn.Parameter(weight.to(model.dtype))
     copy_.set_output_embeddings(head)
     return copy_
-
-
-def load_heads(path: str, hidden: int, vocab: int) -> tuple[ILQLHeads, dict]:
-    """The heads `ILQLTrainer.save` wrote to `path`, and their decoding settings (beta, top_k)."""
-    saved = torch.load(Path(path) / HEADS_FILE, map_location="cpu", weights_only=True)
-    heads = ILQLHeads(hidden, vocab, saved["kind"], saved["two_qs"])
-    heads.load_state_dict(saved["state"])
-    return heads, {"beta": saved["beta"], "top_k": saved["top_k"]}
 
 
 def encode_scored(replies: list[ScoredReply], tokenizer, max_length: int, source: str, on_bad_row: str

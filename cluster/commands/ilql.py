@@ -87,6 +87,7 @@ def judge_ilql(cfg, trainer, path: str, base_path: str) -> dict[str, float]:
     perturbed policy was where it sampled (`eval/top_prob_mean`) and the share of distinct tokens."""
     from cluster.pipeline import held_out_judged, policy_prompts
     from core.forward import load_causal_lm, token_logprobs
+    from learner.evaluation import held_out_figures
     from learner.ilql import decode, perturbed_logprobs
     from reward_server.scorers import make_scorer, score_checked
 
@@ -110,9 +111,8 @@ def judge_ilql(cfg, trainer, path: str, base_path: str) -> dict[str, float]:
         texts = [tok.decode(r, skip_special_tokens=True) for r in replies]
         gold = score_checked(make_scorer(cfg.train.gold_scorer), [p.text for p in prompts], texts)
         rows = [(p.token_ids, r) for p, r in zip(prompts, replies)]
-        figures = {"eval/gold_reward_mean": statistics.mean(gold), "eval/gold_reward_std": statistics.pstdev(gold),
-                   "eval/response_len": statistics.mean(len(r) for r in replies),
-                   "eval/finished_frac": statistics.mean(bool(r) and r[-1] == tok.eos_token_id for r in replies)}
+        figures = held_out_figures(gold, [len(r) for r in replies],
+                                   [bool(r) and r[-1] == tok.eos_token_id for r in replies])
     logprobs, top = perturbed_logprobs(trainer.model, trainer.heads, rows, beta=ic.beta, temperature=temperature,
                                        pad_id=trainer.pad_id, autocast_dtype=ic.autocast)
     base = load_causal_lm(base_path, ic.dtype, ic.device)
