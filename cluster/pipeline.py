@@ -12,16 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import random
+import statistics
 from contextlib import contextmanager
 from pathlib import Path
 
+from actors.reference import ReferenceModel
 from actors.worker_pool import WorkerPool, sample
 from cluster.launch import launch_pool, start_ray
 from cluster.models import resolve_model
+from core import storage
 from core.preferences import PreferenceDataError, PreferencePair, load_preferences, split_pairs
 from core.progress import Progress
 from core.prompts import Prompt, load_prompts
 from core.rollout import Rollout
+from core.rollout_records import RolloutRecords, best_against_worst, load_scored, tokenizer_id
 from learner.reward_model import RewardModelTrainer
 from reward_server.client import RewardClient
 from reward_server.scorers import make_scorer, score_checked
@@ -70,14 +74,36 @@ def cycle(prompts: list[Prompt], count: int, seed: int) -> list[Prompt]:
     return [order[i % len(order)] for i in range(count)]
 
 
+def scored_rows(texts: list[str], rollouts: list[Rollout], scores: list[float]) -> list[dict]:
+    """The rows a rollouts folder holds (core/rollout_records.py) of sampled replies and their scores."""
+    return [{"prompt": text, "response": r.text, "reward": score, "version": r.version, "finished": r.finished,
+             "prompt_ids": r.prompt_ids, "response_ids": r.response_ids}
+            for text, r, score in zip(texts, rollouts, scores)]
+
+
+def keep_scored(output_dir: str, model_path: str, rows: list[dict], setting: str) -> None:
+    """Write `rows` as the one part of the rollouts folder `<output_dir>/rollouts` (replacing what was there),
+    for `rlhf ilql`, filtered SFT or DPO on scored replies (the command's `setting` asked for it)."""
+    from transformers import AutoTokenizer
+
+    records = RolloutRecords(output_dir, storage.basename(output_dir), model_path,
+                             tokenizer_id(AutoTokenizer.from_pretrained(model_path)))
+    records.drop_after(0)
+    records.write(1, rows)
+    print(f"{setting}: {len(rows)} scored replies kept in {records.location}", flush=True)
+
+
 def label_pairs(prompts: list[Prompt], groups: list[list[Rollout]], labeller,
-                min_margin: float) -> tuple[list[PreferencePair], list[dict], int]:
+                min_margin: float, kept: list[dict] | None = None) -> tuple[list[PreferencePair], list[dict], int]:
     """Pairs from the first two responses of each group, the one the labeller scores higher chosen.
     Pairs whose scores differ by less than `min_margin`, or whose texts are equal, carry no preference
-    and are dropped. Returns (pairs, per-pair label columns, ties dropped)."""
+    and are dropped. Returns (pairs, per-pair label columns, ties dropped); `kept` gets every scored reply's row
+    (`scored_rows`), ties included."""
     firsts = [g[:2] for g in groups if len(g) >= 2]
     texts = [p.text for p, g in zip(prompts, groups) if len(g) >= 2]
     scores = score_checked(labeller, [t for t in texts for _ in (0, 1)], [r.text for g in firsts for r in g])
+    if kept is not None:
+        kept += scored_rows([t for t in texts for _ in (0, 1)], [r for g in firsts for r in g], scores)
     pairs, extra = [], []
     for text, (a, b), sa, sb in zip(texts, firsts, scores[0::2], scores[1::2]):
         if abs(sa - sb) < min_margin or a.text.strip() == b.text.strip():
@@ -105,16 +131,17 @@ def flip_labels(pairs: list[PreferencePair], extra: list[dict], fraction: float,
 
 
 def gold_pairs(pool: WorkerPool, prompts: list[Prompt], count: int, labeller, flip_fraction: float,
-               min_margin: float, seed: int, label: str = "preference pairs") -> tuple[list[PreferencePair], list[dict]]:
+               min_margin: float, seed: int, label: str = "preference pairs", kept: list[dict] | None = None
+               ) -> tuple[list[PreferencePair], list[dict]]:
     """`count` labelled pairs of two fresh responses each (sampling again for the ties dropped), then
-    `flip_fraction` of them flipped."""
+    `flip_fraction` of them flipped; `kept` gets every labelled reply's row, unflipped (`label_pairs`)."""
     pairs, extra, round_ = [], [], 0
     while len(pairs) < count:
         # Ties are dropped, so ask for a quarter more than still needed.
         want = max(8, int((count - len(pairs)) * 1.25))
         chosen = cycle(prompts, want, seed + round_)
         groups = sample(pool, chosen, 2, label=label)
-        new, new_extra, ties = label_pairs(chosen, groups, labeller, min_margin)
+        new, new_extra, ties = label_pairs(chosen, groups, labeller, min_margin, kept)
         log.info("%s: %d pairs, %d ties dropped", label, len(new), ties)
         pairs, extra, round_ = pairs + new, extra + new_extra, round_ + 1
         if round_ > 20 and len(pairs) < count:
@@ -133,6 +160,17 @@ def load_pair_sets(pc) -> tuple[list[PreferencePair], list[PreferencePair]]:
                                   "form), or make one with `rlhf make-preferences`")
 
     def read(path):
+        if pc.form == "scored":
+            replies, skipped = load_scored(path, (pc.prompt_column, pc.response_column, pc.reward_column), None,
+                                           pc.on_bad_row, "preferences.on_bad_row")
+            pairs = best_against_worst(replies, pc.min_margin)
+            if not pairs:
+                raise PreferenceDataError(f"{path}: no prompt has two replies whose rewards differ by "
+                                          f"preferences.min_margin = {pc.min_margin} or more; the scored form pairs "
+                                          f"each prompt's best reply with its worst")
+            log.info("%s: %d best-against-worst pairs from %d scored replies (%d rows skipped)", path, len(pairs),
+                     len(replies), len(skipped))
+            return pairs
         found = load_preferences(path, form=pc.form, prompt_column=pc.prompt_column, chosen_column=pc.chosen_column,
                                  rejected_column=pc.rejected_column, on_bad_row=pc.on_bad_row)
         if found.skipped:
@@ -181,10 +219,37 @@ def pick_best(scores: list[list[float]], n: int) -> list[int]:
     return [max(range(min(n, len(s))), key=lambda i: s[i]) for s in scores]
 
 
-def held_out_gold(cfg, model_path: str, label: str) -> dict[str, float]:
+@contextmanager
+def stage_run(cfg, stage: str):
+    """The metrics of a command that trains in its own process (`rlhf sft|dpo|ilql`): metrics.jsonl and a W&B
+    run (`train.wandb_mode`, offline by default) in `<stage>.output_dir`, closed with the dict the block fills in
+    as its summary (or abandoned when the block raises)."""
+    from learner.metrics import RunLogger
+
+    logger = RunLogger(getattr(cfg, stage).output_dir, cfg.to_dict(), cfg.train.wandb_mode, cfg.train.wandb_project)
+    summary: dict = {}
+    try:
+        yield logger, summary
+    except BaseException:
+        logger.abandon()
+        raise
+    logger.close(summary)
+
+
+def held_out_gold(cfg, model_path: str, label: str, kl_to: str = "") -> dict[str, float]:
     """The held-out evaluation of a PPO job (learner/evaluation.py) of the policy at `model_path`: its gold
-    reward (`eval/gold_reward_mean`), reply length and share of finished replies."""
-    return held_out_judged(cfg, model_path, label).figures()
+    reward (`eval/gold_reward_mean`), reply length and share of finished replies; with `kl_to` (the starting
+    policy's path) also the KL to it, as the job reports it (`eval/kl_mean`: the sum over each reply of
+    log pi - log pi_start at the evaluation's temperature, pi's log-probs those vLLM sampled with)."""
+    judged = held_out_judged(cfg, model_path, label)
+    figures = judged.figures()
+    if kl_to:
+        rollouts = judged.rollouts
+        start = ReferenceModel(kl_to, cfg.reference, dtype=cfg.ppo.dtype, autocast=cfg.ppo.autocast)
+        start_logprobs = start.ref_logprobs([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
+                                            cfg.train.eval_temperature)
+        figures["eval/kl_mean"] = statistics.mean(sum(r.logprobs) - sum(b) for r, b in zip(rollouts, start_logprobs))
+    return figures
 
 
 def held_out_judged(cfg, model_path: str, label: str):

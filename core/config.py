@@ -447,6 +447,10 @@ def native_bf16(device: str) -> bool:
 
 
 def _check_range(name: str, value: Any, meta: typing.Mapping) -> None:
+    if isinstance(value, list):  # a list field: the range is each item's
+        for i, item in enumerate(value):
+            _check_range(f"{name}[{i}]", item, meta)
+        return
     if isinstance(value, float) and math.isnan(value):
         raise ConfigError(f"{name} is NaN")
     bounds = [("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
@@ -462,6 +466,10 @@ def _check_range(name: str, value: Any, meta: typing.Mapping) -> None:
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
     """Turn a YAML or command-line value into the field's declared type, or explain why not."""
+    if typing.get_origin(kind) is list:  # `[1, 4]`, or one value for a list of one
+        (item_kind,) = typing.get_args(kind)
+        items = value if isinstance(value, list) else [] if value in ("", None) else [value]
+        return [_coerce(f"{name}[{i}]", item, item_kind) for i, item in enumerate(items)]
     if kind is bool:
         if isinstance(value, bool):
             return value

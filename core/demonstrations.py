@@ -27,6 +27,7 @@ class Demonstration:
     prompt: str | list[dict]  # the user request, or the dialogue before the reply as role/content messages
     response: str  # the demonstrated assistant reply
     row: int = -1  # row number in the source file (0-based); -1 when generated
+    finished: bool = True  # False: a sampled reply cut off at the length limit (it ends without EOS)
 
 
 def load_demonstrations(path: str, cfg: SFTConfig) -> tuple[list[Demonstration], list[str]]:

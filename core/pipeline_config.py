@@ -13,11 +13,15 @@ from core.config_fields import AUTOCAST_HELP, DTYPES, opt
 class PreferenceConfig:
     path: str = opt("", "preference pairs: a local .jsonl/.json/.parquet/.csv file or a Hub dataset name")
     form: str = opt("explicit", "`explicit`: prompt/chosen/rejected columns; `conversation`: chosen and "
-                    "rejected are whole dialogues sharing a prefix (Anthropic HH-RLHF)",
-                    choices=("explicit", "conversation"))
-    prompt_column: str = opt("prompt", "column of the prompt (explicit form)")
+                    "rejected are whole dialogues sharing a prefix (Anthropic HH-RLHF); `scored`: several scored "
+                    "replies per prompt (prompt/response/reward columns, or a job's rollouts folder), each prompt's "
+                    "best reply chosen over its worst where they differ by min_margin",
+                    choices=("explicit", "conversation", "scored"))
+    prompt_column: str = opt("prompt", "column of the prompt (explicit and scored forms)")
     chosen_column: str = opt("chosen", "column of the preferred response or dialogue")
     rejected_column: str = opt("rejected", "column of the other response or dialogue")
+    response_column: str = opt("response", "column of the reply (scored form)")
+    reward_column: str = opt("reward", "column of the reply's reward (scored form)")
     on_bad_row: str = opt("error", "a row with a missing column, an empty string or chosen == rejected: "
                           "`error` lists them all and stops, `skip` drops and counts them", choices=("error", "skip"))
     eval_path: str = opt("", "held-out pairs; empty = split `eval_fraction` of `path` off")
@@ -25,9 +29,12 @@ class PreferenceConfig:
     num_pairs: int = opt(256, "pairs `rlhf make-preferences` generates", ge=1)
     labeller: str = opt("vader", "scorer that labels generated pairs (same forms as reward.scorer)")
     flip_fraction: float = opt(0.2, "share of generated labels flipped, like annotators who disagree", ge=0.0, lt=0.5)
-    min_margin: float = opt(0.05, "generated pairs whose labeller scores differ by less are ties, dropped", ge=0.0)
+    min_margin: float = opt(0.05, "generated (or scored-form) pairs whose scores differ by less are ties, dropped",
+                            ge=0.0)
     seed: int = opt(0, "seed of the eval split, the label flips and the generation order")
     output_dir: str = opt("runs/preferences", "where `rlhf make-preferences` writes pairs.jsonl")
+    keep_rollouts: bool = opt(False, "`rlhf make-preferences` also writes every labelled reply with its labeller "
+                                     "score (before any flip) to <output_dir>/rollouts (for rlhf ilql and the like)")
 
 
 @dataclass
@@ -44,6 +51,20 @@ class TrainerFields:
     device: str = opt("cpu", "training device", choices=("cpu", "cuda"))
     threads: int = opt(2, "torch CPU threads", ge=1)
     seed: int = opt(0, "seed of the initialisation, the batch order and the held-out split")
+    checkpoint_every: int = opt(0, "optimiser steps between checkpoints (model, optimiser, step) in "
+                                   "<output_dir>/checkpoint.pt, and one at the end; 0: none", ge=0)
+    resume: bool = opt(False, "continue from <output_dir>/checkpoint.pt (same data, epochs and batch size)")
+
+
+@dataclass
+class PolicyTrainerFields(TrainerFields):
+    """The trainer fields of a stage that trains the policy (sft, dpo, ilql), with its LoRA option."""
+    lora_rank: int = opt(0, "0 = full fine-tuning; r > 0 = train LoRA adapters of rank r (peft), merged into the "
+                            "saved model", ge=0)
+    lora_alpha: float = opt(16.0, "LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_rank",
+                            gt=0.0)
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                            "comma-separated names of the linear layers that get adapters")
 
 
 @dataclass
@@ -63,7 +84,7 @@ class RewardModelConfig(TrainerFields):
 
 
 @dataclass
-class SFTConfig(TrainerFields):
+class SFTConfig(PolicyTrainerFields):
     path: str = opt("", "demonstrations (JSONL/JSON/Parquet/CSV or a Hub dataset): prompt/response columns, or a "
                         "messages column of role/content dialogues ending with the assistant's reply")
     eval_path: str = opt("", "held-out demonstrations; empty = hold out sft.eval_fraction of sft.path")
@@ -71,6 +92,10 @@ class SFTConfig(TrainerFields):
     prompt_column: str = opt("prompt", "column of the requests (a string or role/content messages)")
     response_column: str = opt("response", "column of the demonstrated replies")
     messages_column: str = opt("messages", "column of whole dialogues, read instead of prompt/response when present")
+    best_fraction: float = opt(1.0, "below 1: sft.path holds scored replies (a reward column, or a job's rollouts "
+                                    "folder) and each prompt's best fraction of them by reward is trained on (filtered "
+                                    "SFT); 1: every row", gt=0.0, le=1.0)
+    reward_column: str = opt("reward", "column of each reply's reward, read when sft.best_fraction < 1")
     on_bad_row: str = opt("error", "a bad row (empty, missing reply, too long): `error` names them all; `skip` "
                                    "trains without them", choices=("error", "skip"))
     max_length: int = opt(256, "longest demonstration, prompt (chat template) + reply tokens", ge=16)
@@ -83,7 +108,7 @@ class SFTConfig(TrainerFields):
 
 
 @dataclass
-class DPOConfig(TrainerFields):
+class DPOConfig(PolicyTrainerFields):
     beta: float = opt(0.1, "DPO's beta: the strength of the implicit KL to the reference (larger = closer)", gt=0.0)
     lr: float = opt(5e-6, "AdamW learning rate", gt=0.0, lt=1.0)
     epochs: int = opt(1, "passes over the preference pairs (preferences.path)", ge=1, le=100)
@@ -130,6 +155,9 @@ class WestOfNConfig:
 @dataclass
 class BestOfNConfig:
     n: int = opt(16, "`rlhf best-of-n`: samples per prompt; reward.scorer picks the best", ge=1, le=1024)
+    keep_rollouts: bool = opt(False, "write every sample with its reward.scorer score to <output_dir>/rollouts "
+                                     "(for rlhf ilql, filtered SFT, DPO on scored replies)")
+    output_dir: str = opt("runs/best_of_n", "where keep_rollouts writes")
 
 
 @dataclass
@@ -140,7 +168,7 @@ class RMReportConfig:
 
 
 @dataclass
-class ILQLConfig(TrainerFields):
+class ILQLConfig(PolicyTrainerFields):
     path: str = opt("", "scored replies: the rollouts folder of a job run with train.keep_rollouts=true, or any "
                         "data file (JSONL/JSON/Parquet/CSV) or Hub dataset with prompt, response and reward columns")
     prompt_column: str = opt("prompt", "column of the requests (a string or role/content messages)")
@@ -163,7 +191,9 @@ class ILQLConfig(TrainerFields):
                                 "clipped at 20)", choices=("plain", "advantage"))
     polyak: float = opt(1.0, "target Qs <- polyak Q + (1 - polyak) target at each sync (1: a copy)", gt=0.0, le=1.0)
     target_sync_every: int = opt(10, "optimiser steps between target syncs", ge=1)
-    beta: float = opt(4.0, "decoding: logits + beta (Q - V)", ge=0.0)
+    beta: float = opt(4.0, "decoding: logits + beta (Q - V); the saved policy's", ge=0.0)
+    eval_betas: list[float] = opt([], "further betas judged after training from the same heads, e.g. [1, 8] (linear "
+                                      "heads: each folded model saved to <output_dir>/beta-<b>)", ge=0.0)
     top_k: int = opt(20, "decoding: sample among the k likeliest perturbed tokens; 0: all", ge=0)
     lr: float = opt(1e-5, "AdamW learning rate of the LM", gt=0.0, lt=1.0)
     head_lr: float = opt(1e-3, "AdamW learning rate of the Q and V heads (they start at zero)", gt=0.0, lt=1.0)

@@ -25,7 +25,7 @@ from pathlib import Path
 from core import storage
 from core.demonstrations import raise_or_skip
 from core.errors import InputError
-from core.preferences import BadRow, check_messages, check_text
+from core.preferences import BadRow, PreferencePair, check_messages, check_text
 from core.prompts import read_dataset
 
 PART = re.compile(r"step-(\d+)\.jsonl$")
@@ -88,6 +88,38 @@ class ScoredReply:
     row: int  # row number in the data set (0-based; in a rollouts folder, over its parts in step order)
     prompt_ids: list[int] | None = None  # the tokens as sampled, where the data holds them
     response_ids: list[int] | None = None
+    finished: bool = True  # False: cut off at the sampler's length limit (a `finished` column says so)
+
+    @property
+    def prompt_key(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else json.dumps(self.prompt, sort_keys=True)
+
+
+def by_prompt(replies: list[ScoredReply]) -> list[list[ScoredReply]]:
+    """The replies grouped by prompt, each group best first (by reward; ties keep the data's order), the groups
+    in the order their prompts first appear."""
+    groups: dict[str, list[ScoredReply]] = {}
+    for reply in replies:
+        groups.setdefault(reply.prompt_key, []).append(reply)
+    return [sorted(group, key=lambda r: -r.reward) for group in groups.values()]
+
+
+def best_share(replies: list[ScoredReply], fraction: float) -> list[ScoredReply]:
+    """Each prompt's best `fraction` of its replies by reward (at least one; rounded to the nearest count): the
+    demonstrations of filtered SFT (`sft.best_fraction`)."""
+    return [r for group in by_prompt(replies) for r in group[:max(1, round(fraction * len(group)))]]
+
+
+def best_against_worst(replies: list[ScoredReply], min_margin: float) -> list[PreferencePair]:
+    """One pair per prompt with two or more replies: its best reply chosen over its worst, where their rewards
+    differ by at least `min_margin` (`preferences.form=scored`)."""
+    pairs = []
+    for group in by_prompt(replies):
+        best, worst = group[0], group[-1]
+        if len(group) >= 2 and best.reward - worst.reward >= min_margin and best.response != worst.response:
+            pairs.append(PreferencePair(best.prompt, best.response, worst.response, row=best.row,
+                                        chosen_finished=best.finished, rejected_finished=worst.finished))
+    return pairs
 
 
 def rollout_parts(path: str) -> list[str]:
@@ -100,12 +132,13 @@ def rollout_parts(path: str) -> list[str]:
     return [str(p) for p in parts]
 
 
-def load_scored(path: str, columns: tuple[str, str, str], tokenizer: str, on_bad_row: str, setting: str
+def load_scored(path: str, columns: tuple[str, str, str], tokenizer: str | None, on_bad_row: str, setting: str
                 ) -> tuple[list[ScoredReply], list[str]]:
     """(replies, "row N: reason" of each bad row skipped) from a data file or a rollouts folder; `columns` names
     the prompt, response and reward columns. Rows without a reward, with a non-finite one, or with an empty
     response are bad rows (with `on_bad_row=error`, all of them raised together, naming `setting`'s field to
-    skip them). Token ids are kept where the data holds them, and refused when another tokenizer made them."""
+    skip them). Token ids are kept where the data holds them, and refused when another tokenizer made them;
+    `tokenizer` None reads the text only (the reader tokenises it anew)."""
     prompt_col, response_col, reward_col = columns
     data = rollout_parts(path) if Path(path).expanduser().is_dir() else path
     ds = read_dataset(data, RolloutDataError, "one scored reply per row")
@@ -114,7 +147,7 @@ def load_scored(path: str, columns: tuple[str, str, str], tokenizer: str, on_bad
         raise RolloutDataError(f"{path} has no column {', '.join(map(repr, missing))}; its columns are "
                                f"{ds.column_names}. Set {setting.rsplit('.', 1)[0]}.prompt_column, response_column "
                                f"and reward_column to the columns that hold them")
-    with_ids = {"prompt_ids", "response_ids", "tokenizer"} <= set(ds.column_names)
+    with_ids = tokenizer is not None and {"prompt_ids", "response_ids", "tokenizer"} <= set(ds.column_names)
     if with_ids:
         _check_tokenizer(path, ds, tokenizer)
     replies, problems = [], []
@@ -126,6 +159,7 @@ def load_scored(path: str, columns: tuple[str, str, str], tokenizer: str, on_bad
             continue
         if with_ids:
             reply.prompt_ids, reply.response_ids = row["prompt_ids"], row["response_ids"]
+        reply.finished = row.get("finished") is not False
         replies.append(reply)
     raise_or_skip(path, problems, len(ds), on_bad_row, setting, RolloutDataError)
     if not replies:

@@ -78,7 +78,7 @@ class DPOTrainer(Trainer):
     cfg: DPOConfig
 
     def __init__(self, model_path: str, cfg: DPOConfig):
-        super().__init__(cfg, *load_policy(model_path, cfg))
+        super().__init__(cfg, *load_policy(model_path, cfg, self.name))
         self.pad_id = self.model.config.pad_token_id or 0
 
     def _sums(self, prompts: list[list[int]], replies: list[list[int]]) -> torch.Tensor:

@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.demonstrations import raise_or_skip
 from core.forward import logprobs_from_logits, padded_logprobs
 from core.rollout import pad
 from core.rollout_records import RolloutDataError, ScoredReply
 from learner.ppo_math import masked_mean
-from learner.sft import encode_reply, load_policy
+from learner.sft import encoded_rows, load_policy
 from learner.trainer import Trainer
 
 if TYPE_CHECKING:
@@ -239,10 +238,11 @@ class ILQLTrainer(Trainer):
     cfg: ILQLConfig
 
     def __init__(self, model_path: str, cfg: ILQLConfig):
-        model, tokenizer = load_policy(model_path, cfg)
+        model, tokenizer = load_policy(model_path, cfg, self.name)
         self.heads = ILQLHeads(model.config.hidden_size, model.get_output_embeddings().weight.shape[0], cfg.heads,
                                cfg.two_qs).to(model.device)
-        super().__init__(cfg, model, tokenizer, [{"params": list(model.parameters()), "lr": cfg.lr},
+        super().__init__(cfg, model, tokenizer, [{"params": [p for p in model.parameters() if p.requires_grad],
+                                                  "lr": cfg.lr},
                                                  {"params": [p for p in self.heads.parameters() if p.requires_grad],
                                                   "lr": cfg.head_lr}])
         self.pad_id = model.config.pad_token_id or 0
@@ -260,6 +260,12 @@ class ILQLTrainer(Trainer):
         if self.steps % self.cfg.target_sync_every == 0:
             self.heads.sync_targets(self.cfg.polyak)
 
+    def extra_state(self) -> dict:
+        return {"heads": self.heads.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.heads.load_state_dict(state["heads"])
+
     def evaluate(self, examples: list[Example]) -> dict[str, float]:
         """The held-out losses, weighted by replies."""
         self.heads.eval()
@@ -271,14 +277,20 @@ class ILQLTrainer(Trainer):
         trained base model, which `decode` perturbs with the heads."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
+        self.merge_adapters()
         torch.save({"state": self.heads.state_dict(), "kind": self.cfg.heads, "two_qs": self.cfg.two_qs,
                     "beta": self.cfg.beta, "top_k": self.cfg.top_k}, out / HEADS_FILE)
         if self.cfg.heads == "linear":
-            folded(self.model, self.heads, self.cfg.beta).save_pretrained(out)
-        else:
-            self.model.save_pretrained(out)
+            return self.save_folded(path, self.cfg.beta)
+        self.model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         return str(out)
+
+    def save_folded(self, path: str, beta: float) -> str:
+        """The perturbed policy at `beta` as an HF directory `path` (linear heads)."""
+        folded(self.model, self.heads, beta).save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
 
 
 HEADS_FILE = "ilql_heads.pt"
@@ -300,20 +312,10 @@ def folded(model, heads: ILQLHeads, beta: float):
 
 def encode_scored(replies: list[ScoredReply], tokenizer, max_length: int, source: str, on_bad_row: str
                   ) -> list[Example]:
-    """(prompt ids, reply ids, reward) of each scored reply: its tokens as sampled where the data holds them, else
-    its text in the policy's layout (`encode_reply`); one over `max_length` tokens is a bad row."""
-    encoded, problems = [], []
-    for reply in replies:
-        if reply.response_ids is not None:
-            prompt, ids = list(reply.prompt_ids), list(reply.response_ids)
-        else:
-            prompt, ids = encode_reply(tokenizer, reply.prompt, reply.response)
-        if len(prompt) + len(ids) > max_length:
-            problems.append(f"row {reply.row}: {len(prompt)} prompt + {len(ids)} reply tokens, over ilql.max_length "
-                            f"= {max_length}")
-            continue
-        encoded.append((prompt, ids, reply.reward))
-    raise_or_skip(source, problems, len(replies), on_bad_row, "ilql.on_bad_row", RolloutDataError)
+    """(prompt ids, reply ids, reward) of each scored reply (learner/sft.py `encoded_rows`)."""
+    encoded = [(prompt, ids, reply.reward) for reply, prompt, ids in
+               encoded_rows(replies, tokenizer, max_length, source, on_bad_row, "ilql", RolloutDataError)]
     if not encoded:
-        raise RolloutDataError(f"{source}: no scored reply is left to train on ({problems[0]})")
+        raise RolloutDataError(f"{source}: no scored reply is left to train on: each is over ilql.max_length = "
+                               f"{max_length} tokens")
     return encoded

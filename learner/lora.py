@@ -14,9 +14,11 @@ import torch
 from core.config import ConfigError
 
 
-def add_adapters(policy: torch.nn.Module, rank: int, alpha: float, targets: str) -> torch.nn.Module:
+def add_adapters(policy: torch.nn.Module, rank: int, alpha: float, targets: str, section: str = "ppo"
+                 ) -> torch.nn.Module:
     """`policy` with LoRA adapters of `rank` on every linear layer named in `targets` (comma-separated
-    module names, e.g. q_proj,v_proj); a name the model lacks, or a rank above a target's width, is refused."""
+    module names, e.g. q_proj,v_proj); a name the model lacks, or a rank above a target's width, is refused
+    (naming the config `section`'s field)."""
     from peft import LoraConfig, get_peft_model
 
     names = [t.strip() for t in targets.split(",") if t.strip()]
@@ -24,12 +26,12 @@ def add_adapters(policy: torch.nn.Module, rank: int, alpha: float, targets: str)
                if isinstance(module, torch.nn.Linear)}
     missing = [t for t in names if t not in linears]
     if not names or missing:
-        raise ConfigError(f"ppo.lora_targets names {missing or 'no'} linear layers of this model; its linear layers "
-                          f"are {', '.join(sorted(linears))}")
+        raise ConfigError(f"{section}.lora_targets names {missing or 'no'} linear layers of this model; its linear "
+                          f"layers are {', '.join(sorted(linears))}")
     narrow = {t: min(linears[t].in_features, linears[t].out_features) for t in names}
     too_wide = {t: width for t, width in narrow.items() if rank > width}
     if too_wide:
-        raise ConfigError(f"ppo.lora_rank = {rank} is larger than what these layers can take: "
+        raise ConfigError(f"{section}.lora_rank = {rank} is larger than what these layers can take: "
                           + ", ".join(f"{t} (at most {w})" for t, w in too_wide.items()))
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0, bias="none")
     return get_peft_model(policy, config)

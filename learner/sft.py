@@ -17,6 +17,8 @@ import torch
 from core.demonstrations import Demonstration, DemonstrationError, load_demonstrations, raise_or_skip
 from core.forward import load_causal_lm, reply_logprobs, response_forward
 from core.preferences import split_pairs
+from core.rollout_records import best_share, load_scored
+from learner.lora import add_adapters
 from learner.ppo_math import masked_mean
 from learner.trainer import Trainer, seed_and_threads
 
@@ -39,18 +41,29 @@ def encode_reply(tokenizer, prompt: str | list[dict], reply: str, finished: bool
 
 
 def encode(demos: list[Demonstration], tokenizer, max_length: int, source: str,
-           on_bad_row: str = "error", setting: str = "sft.max_length") -> list[tuple[list[int], list[int]]]:
-    """`encode_reply` of every demonstration; one over `max_length` tokens (the config's `setting`) is a bad
-    row."""
+           on_bad_row: str = "error", stage: str = "sft") -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reply ids) of every demonstration (`encoded_rows`)."""
+    return [(prompt, reply) for _, prompt, reply in encoded_rows(demos, tokenizer, max_length, source, on_bad_row,
+                                                                 stage)]
+
+
+def encoded_rows(rows: list, tokenizer, max_length: int, source: str, on_bad_row: str, stage: str,
+                 error: type[Exception] = DemonstrationError) -> list[tuple]:
+    """(row, prompt ids, reply ids) of demonstrations or scored replies in the policy's layout: a row's tokens as
+    sampled where it holds them (`response_ids`), else its text by `encode_reply`. One over `max_length` tokens
+    is a bad row, named with `stage`'s max_length and on_bad_row fields (raised as `error`)."""
     encoded, problems = [], []
-    for demo in demos:
-        prompt, reply = encode_reply(tokenizer, demo.prompt, demo.response)
+    for row in rows:
+        if getattr(row, "response_ids", None) is not None:
+            prompt, reply = list(row.prompt_ids), list(row.response_ids)
+        else:
+            prompt, reply = encode_reply(tokenizer, row.prompt, row.response, row.finished)
         if len(prompt) + len(reply) > max_length:
-            problems.append(f"row {demo.row}: {len(prompt)} prompt + {len(reply)} reply tokens, over "
-                            f"{setting} = {max_length}")
+            problems.append(f"row {row.row}: {len(prompt)} prompt + {len(reply)} reply tokens, over "
+                            f"{stage}.max_length = {max_length}")
             continue
-        encoded.append((prompt, reply))
-    raise_or_skip(source, problems, len(demos), on_bad_row)
+        encoded.append((row, prompt, reply))
+    raise_or_skip(source, problems, len(rows), on_bad_row, f"{stage}.on_bad_row", error)
     return encoded
 
 
@@ -79,19 +92,23 @@ def held_out_nll(model, examples: list[tuple[list[int], list[int]]], pad_id: int
     return {"eval/loss": nll, "eval/perplexity": math.exp(nll)}
 
 
-def load_policy(model_path: str, cfg):
-    """(causal LM, tokenizer) of the policy at `model_path` in `cfg.dtype` on `cfg.device`, seeded first."""
+def load_policy(model_path: str, cfg, section: str):
+    """(causal LM, tokenizer) of the policy at `model_path` in `cfg.dtype` on `cfg.device`, seeded first; with
+    `cfg.lora_rank` > 0 the LM carries LoRA adapters (the config `section`'s), the base frozen."""
     from transformers import AutoTokenizer
 
     seed_and_threads(cfg)
-    return load_causal_lm(model_path, cfg.dtype, torch.device(cfg.device)), AutoTokenizer.from_pretrained(model_path)
+    model = load_causal_lm(model_path, cfg.dtype, torch.device(cfg.device))
+    if cfg.lora_rank:
+        model = add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, section)
+    return model, AutoTokenizer.from_pretrained(model_path)
 
 
 class SFTTrainer(Trainer):
     name = "sft"
 
     def __init__(self, model_path: str, cfg: SFTConfig):
-        super().__init__(cfg, *load_policy(model_path, cfg))
+        super().__init__(cfg, *load_policy(model_path, cfg, self.name))
         self.pad_id = self.model.config.pad_token_id or 0
 
     def nll(self, examples: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, int]:
@@ -115,7 +132,15 @@ def split(demos: list[Demonstration], cfg: SFTConfig) -> tuple[list[Demonstratio
 
 
 def _load_logged(path: str, cfg: SFTConfig) -> list[Demonstration]:
-    demos, skipped = load_demonstrations(path, cfg)
+    if cfg.best_fraction < 1:  # filtered SFT: each prompt's best scored replies
+        replies, skipped = load_scored(path, (cfg.prompt_column, cfg.response_column, cfg.reward_column), None,
+                                       cfg.on_bad_row, "sft.on_bad_row")
+        best = best_share(replies, cfg.best_fraction)
+        log.info("%s: the best %d of %d scored replies (sft.best_fraction = %g)", path, len(best), len(replies),
+                 cfg.best_fraction)
+        demos = [Demonstration(r.prompt, r.response, r.row, r.finished) for r in best]
+    else:
+        demos, skipped = load_demonstrations(path, cfg)
     if skipped:
         log.warning("%s: skipped %d bad rows (sft.on_bad_row=skip), e.g. %s", path, len(skipped), "; ".join(skipped[:3]))
     return demos
@@ -126,8 +151,9 @@ def encoded_demonstrations(path: str, cfg: SFTConfig, tokenizer) -> list[tuple[l
     return encode(_load_logged(path, cfg), tokenizer, cfg.max_length, path, cfg.on_bad_row)
 
 
-def run_sft(model_path: str, cfg: SFTConfig) -> tuple[str, list[dict]]:
-    """`rlhf sft`: fine-tune the policy at `model_path` on `sft.path`, save it to `sft.output_dir`."""
+def run_sft(model_path: str, cfg: SFTConfig, logger=None) -> tuple[str, list[dict]]:
+    """`rlhf sft`: fine-tune the policy at `model_path` on `sft.path`, save it to `sft.output_dir` (`logger`: a
+    RunLogger for the training figures)."""
     if not cfg.path:
         raise DemonstrationError("sft.path is empty: give a demonstration file (prompt/response columns or a "
                                  "messages column), or make one with `rlhf make-demos`")
@@ -136,5 +162,5 @@ def run_sft(model_path: str, cfg: SFTConfig) -> tuple[str, list[dict]]:
     train_ids = encode(train, trainer.tokenizer, cfg.max_length, cfg.path, cfg.on_bad_row)
     held_out_ids = encode(held_out, trainer.tokenizer, cfg.max_length, cfg.eval_path or cfg.path, cfg.on_bad_row)
     log.info("sft: %d demonstrations, %d held out -> %s", len(train_ids), len(held_out_ids), cfg.output_dir)
-    history = trainer.train(train_ids, held_out_ids)
+    history = trainer.train(train_ids, held_out_ids, logger)
     return trainer.save(cfg.output_dir), history

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from pathlib import Path
 
 import torch
 
+from core.errors import InputError
 from core.progress import Progress
+from learner.metrics import RunLogger
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"  # in the stage's output_dir
 
 
 def seed_and_threads(cfg) -> None:
@@ -40,10 +45,11 @@ class Trainer:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.device = torch.device(cfg.device)
         # fused: one kernel over all parameters, several times faster a step than the default on CPU
-        self.optimizer = torch.optim.AdamW(param_groups or model.parameters(), lr=cfg.lr, weight_decay=0.0,
-                                           fused=True)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters only
+        self.optimizer = torch.optim.AdamW(param_groups or trainable, lr=cfg.lr, weight_decay=0.0, fused=True)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]  # clipped together
         self.steps = 0  # optimiser steps taken
+        self.schedule = None
 
     def loss(self, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
         """The batch's loss to minimise and its other training figures (`train/...`)."""
@@ -69,6 +75,48 @@ class Trainer:
     def after_step(self) -> None:
         """Called after each optimiser step (`self.steps` counts them)."""
 
+    def extra_state(self) -> dict:
+        """What else a checkpoint holds besides the model and the optimiser (a subclass's heads, say)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore `extra_state`'s dict."""
+
+    def checkpoint_path(self) -> Path:
+        return Path(self.cfg.output_dir) / CHECKPOINT
+
+    def save_checkpoint(self, shape: dict) -> None:
+        """The training state after `self.steps` steps, whole or not at all (written aside, then renamed);
+        `shape` is what a resume must match (the examples and the batch size)."""
+        path = self.checkpoint_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"steps": self.steps, "shape": shape, "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "extra": self.extra_state(),
+                    "schedule": self.schedule.state_dict() if self.schedule else None}, tmp)
+        os.replace(tmp, path)
+        log.info("%s: checkpoint after step %d in %s", self.name, self.steps, path)
+
+    def load_checkpoint(self, shape: dict) -> int:
+        """Restore the state `save_checkpoint` wrote; returns the steps it had taken. A checkpoint of other data
+        or another batch size is refused: its step count would point elsewhere in the batches."""
+        path = self.checkpoint_path()
+        if not path.is_file():
+            raise InputError(f"{self.name}.resume = true but there is no checkpoint at {path}: run without resume, or "
+                             f"point {self.name}.output_dir at the run to continue")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["shape"] != shape:
+            raise InputError(f"{path} was made on {state['shape']}, this run has {shape}: resume with the same data, "
+                             f"epochs and {self.name}.batch_size, or start anew without {self.name}.resume")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_extra_state(state["extra"])
+        if self.schedule and state["schedule"]:
+            self.schedule.load_state_dict(state["schedule"])
+        self.steps = state["steps"]
+        print(f"{self.name}: resumed from {path} after step {self.steps}", flush=True)
+        return self.steps
+
     def _schedule(self, total: int):
         if not self.warmup_decay:
             return None
@@ -76,23 +124,34 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
 
-    def train(self, train: list, held_out: list) -> list[dict]:
+    def train(self, train: list, held_out: list, logger: RunLogger | None = None) -> list[dict]:
         """`cfg.epochs` passes in shuffled batches; one entry per epoch with the mean of each training figure and
-        the held-out figures (when there are held-out examples), after an epoch-0 entry if `evaluate_first`."""
+        the held-out figures (when there are held-out examples), after an epoch-0 entry if `evaluate_first`.
+        `logger` gets each step's training figures and each epoch's held-out ones (metrics.jsonl and W&B), by
+        optimiser step."""
         if not train:
             raise ValueError(f"{self.name}: nothing to train on; the training set is empty")
         cfg = self.cfg
         rng = random.Random(cfg.seed)
-        total = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
-        schedule = self._schedule(total)
-        history = [{"epoch": 0, **self.evaluate(held_out)}] if self.evaluate_first and held_out else []
-        progress = Progress(self.name, total, "steps", every_s=30.0)
+        per_epoch = math.ceil(len(train) / cfg.batch_size)
+        total = per_epoch * cfg.epochs
+        self.schedule = self._schedule(total)
+        shape = {"examples": len(train), "batch_size": cfg.batch_size, "epochs": cfg.epochs}
+        done = self.load_checkpoint(shape) if cfg.resume else 0
+        history = [{"epoch": 0, **self.evaluate(held_out)}] if self.evaluate_first and held_out and not done else []
+        if logger and history:
+            logger.log(0, history[0])
+        progress = Progress(self.name, total - done, "steps", every_s=30.0)
         for epoch in range(1, cfg.epochs + 1):
-            self.model.train()
             order = list(train)
-            rng.shuffle(order)
+            rng.shuffle(order)  # every epoch's, so that a resumed run's batches are the first run's
+            if epoch * per_epoch <= done:
+                continue
+            self.model.train()
             figures: dict[str, list[float]] = {}
-            for start in range(0, len(order), cfg.batch_size):
+            for index, start in enumerate(range(0, len(order), cfg.batch_size)):
+                if (epoch - 1) * per_epoch + index < done:
+                    continue
                 loss, stats = self.loss(order[start:start + cfg.batch_size])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -100,23 +159,37 @@ class Trainer:
                 self.optimizer.step()
                 self.steps += 1
                 self.after_step()
-                if schedule:
-                    schedule.step()
-                for k, v in {"train/loss": loss.item(), **stats}.items():
+                if self.schedule:
+                    self.schedule.step()
+                if cfg.checkpoint_every and (self.steps % cfg.checkpoint_every == 0 or self.steps == total):
+                    self.save_checkpoint(shape)
+                step_figures = {"train/loss": loss.item(), **stats}
+                for k, v in step_figures.items():
                     figures.setdefault(k, []).append(v)
+                if logger:
+                    logger.log(self.steps, {**step_figures, "epoch": epoch})
                 recent = ", ".join(f"{k.removeprefix('train/')} {sum(v[-10:]) / len(v[-10:]):.3f}"
                                    for k, v in figures.items())
                 progress.advance(1, f"epoch {epoch}/{cfg.epochs}, {recent} (last 10 steps)")
             history.append({"epoch": epoch, **{k: sum(v) / len(v) for k, v in figures.items()},
                             **(self.evaluate(held_out) if held_out else {})})
+            if logger:
+                logger.log(self.steps, {k: v for k, v in history[-1].items() if k.startswith("eval/")})
             log.info("%s epoch %d/%d: %s", self.name, epoch, cfg.epochs,
                      ", ".join(f"{k} {v:.3f}" for k, v in history[-1].items() if k != "epoch"))
         return history
 
+    def merge_adapters(self) -> None:
+        """With LoRA adapters, fold them into the base weights (peft's merge) for good: the model is then an
+        ordinary one, to save and to use; training ends here."""
+        if hasattr(self.model, "merge_and_unload"):
+            self.model = self.model.merge_and_unload()
+
     def save(self, path: str) -> str:
-        """An HF directory (model + tokenizer) at `path`."""
+        """An HF directory (model + tokenizer, LoRA adapters merged) at `path`."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
+        self.merge_adapters()
         self.model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         return str(out)

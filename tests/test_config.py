@@ -37,6 +37,10 @@ def test_default_yaml_loads_and_overrides_apply():
     assert cfg.ppo.lr == pytest.approx(3e-5)
     assert cfg.generation.num_workers == 3 and isinstance(cfg.generation.num_workers, int)
     assert cfg.ppo.whiten_advantages is False
+    # a list field takes a YAML list, one value, or nothing
+    assert build_config({}, ["ilql.eval_betas=[1, 8.5]"]).ilql.eval_betas == [1.0, 8.5]
+    assert build_config({}, ["ilql.eval_betas=2"]).ilql.eval_betas == [2.0]
+    assert build_config({}, ["ilql.eval_betas="]).ilql.eval_betas == []
 
 
 @pytest.mark.parametrize("override, words", [
@@ -47,6 +51,8 @@ def test_default_yaml_loads_and_overrides_apply():
     ("ppo.lr=fast", ["ppo.lr", "float"]),
     ("generation.num_workers=1.5", ["generation.num_workers", "int"]),
     ("ppo.lr=nan", ["ppo.lr", "NaN"]),
+    ("ilql.eval_betas=[1, -2]", ["ilql.eval_betas[1] = -2.0", ">= 0"]),
+    ("ilql.eval_betas=[1, high]", ["ilql.eval_betas[1]", "float"]),
     ("ppo.learning_rate=1e-5", ["unknown config field ppo.learning_rate", "lr"]),
     ("optimizer.lr=1e-5", ["unknown config section 'optimizer'"]),
     ("lr=1e-5", ["section.field=value"]),

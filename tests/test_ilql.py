@@ -218,3 +218,42 @@ def test_a_tiny_offline_run_decodes_replies_above_the_datas_mean(tiny):
     cloned, ilql = x_per_reply(0.0), x_per_reply(4.0)
     assert abs(data_mean - 2.0) < 0.3 and cloned < data_mean + 0.7  # the LM term alone clones the data
     assert ilql > max(data_mean, cloned) + 1.0, (data_mean, cloned, ilql)
+
+
+def test_with_lora_only_the_adapters_and_heads_train_and_the_saved_model_has_them_merged(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from core.config import ILQLConfig
+    from learner.ilql import ILQLTrainer
+
+    path, base, _ = tiny
+    cfg = ILQLConfig(lr=1e-2, head_lr=1e-2, batch_size=4, autocast="none", threads=1, lora_rank=4,
+                     lora_targets="q_proj,v_proj", beta=2.0)
+    trainer = ILQLTrainer(path, cfg)
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
+    trainer.train([([1, 5, 9], [20, 21, 2], 1.0), ([1, 6], [22, 2], -1.0)] * 4, [])
+    trainer.save(str(tmp_path))
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    ours = base.state_dict()
+    changed = {k for k in ours if "lm_head" not in k and not torch.equal(saved[k], ours[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)  # merged adapters
+    heads = ILQLHeads(base.config.hidden_size, base.config.vocab_size)
+    heads.load_state_dict(torch.load(tmp_path / "ilql_heads.pt")["state"])
+    torch.testing.assert_close(saved["lm_head.weight"], heads.folded_lm_head(ours["model.embed_tokens.weight"], 2.0))
+
+
+def test_replies_over_the_length_limit_are_named_by_row_or_skipped(tiny):
+    from core.rollout_records import RolloutDataError, ScoredReply
+    from learner.ilql import encode_scored
+
+    _, _, tok = tiny
+    replies = [ScoredReply("Hi.", "Fine.", 0.5, row=0, prompt_ids=[1, 2], response_ids=[3, 4]),
+               ScoredReply("Hi.", "Long.", 0.1, row=1, prompt_ids=[1, 2], response_ids=list(range(20))),
+               ScoredReply("My bus was late.", "A walk, then!", 0.9, row=2)]  # text only: tokenised here
+    with pytest.raises(RolloutDataError, match=r"row 1: 2 prompt \+ 20 reply tokens, over ilql.max_length = 16"):
+        encode_scored(replies, tok, 16, "data.jsonl", "error")
+    kept = encode_scored(replies, tok, 64, "data.jsonl", "skip")
+    assert [r for *_, r in kept] == [0.5, 0.1, 0.9] and kept[0][:2] == ([1, 2], [3, 4])
+    assert kept[2][1][-1] == tok.eos_token_id  # a finished text reply ends with the end token
+    assert [r for *_, r in encode_scored(replies, tok, 16, "data.jsonl", "skip")] == [0.5]  # row 2 is over 16 too

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.ray
 
 
 def test_ilql_learns_offline_from_the_rollouts_a_job_kept(ray_session, tmp_path, capsys):
+    import torch
     from transformers import AutoModelForCausalLM
 
     run(tmp_path / "job", "train.steps=2", "train.keep_rollouts=true")
@@ -21,12 +22,21 @@ def test_ilql_learns_offline_from_the_rollouts_a_job_kept(ray_session, tmp_path,
     capsys.readouterr()
     out = tmp_path / "ilql"
     assert main(["ilql", "--config", str(TINY), f"ilql.path={rollouts}", f"ilql.output_dir={out}", "ilql.threads=1",
-                 "ilql.eval_fraction=0.2", "ilql.autocast=none", "ilql.batch_size=4"]) == 0
+                 "ilql.eval_fraction=0.2", "ilql.autocast=none", "ilql.batch_size=4", "ilql.eval_betas=[0, 1]"]) == 0
     printed = capsys.readouterr().out
     assert "ilql: 13 scored replies, 3 held out" in printed
-    assert "after ILQL (beta 4, top-k 20, linear heads)" in printed and f"(model.path={out})" in printed
+    assert "after ILQL at beta 4 (top-k 20, linear heads)" in printed and f"(model.path={out})" in printed
+    assert "after ILQL at beta 1 (top-k 20, linear heads)" in printed and f"({out}/beta-1)" in printed
     model = AutoModelForCausalLM.from_pretrained(out)
     assert not model.config.tie_word_embeddings and (out / "ilql_heads.pt").is_file()
+    # the further betas fold the same heads: the LM heads at 0, 1 and 4 differ by 1 and 4 times the mean Q
+    qs = torch.load(out / "ilql_heads.pt")["state"]
+    mean_q = (qs["qs.0.weight"] + qs["qs.1.weight"]) / 2
+    heads = {b: AutoModelForCausalLM.from_pretrained(p).get_output_embeddings().weight.detach()
+             for b, p in [(0, out / "beta-0"), (1, out / "beta-1"), (4, out)]}
+    assert mean_q.abs().max() > 0
+    torch.testing.assert_close(heads[1] - heads[0], mean_q, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(heads[4] - heads[0], 4 * mean_q, atol=1e-5, rtol=1e-4)
 
 
 def test_mlp_heads_are_decoded_in_the_learner(ray_session, tmp_path, capsys):
@@ -38,5 +48,5 @@ def test_mlp_heads_are_decoded_in_the_learner(ray_session, tmp_path, capsys):
     assert main(["ilql", "--config", str(TINY), f"ilql.path={data}", f"ilql.output_dir={out}", "ilql.heads=mlp",
                  "ilql.threads=1", "ilql.eval_fraction=0.2", "ilql.autocast=none", "ilql.batch_size=4"]) == 0
     printed = capsys.readouterr().out
-    assert "after ILQL (beta 4, top-k 20, mlp heads)" in printed and "decoded in the learner" in printed
+    assert "after ILQL at beta 4 (top-k 20, mlp heads)" in printed and "decoded in the learner" in printed
     assert (out / "ilql_heads.pt").is_file()

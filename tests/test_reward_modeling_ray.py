@@ -14,6 +14,7 @@ from cluster.commands.west_of_n import west_of_n
 from cluster.job import train
 from core.config import load_config
 from core.preferences import load_preferences
+from core.rollout_records import load_scored
 from learner.distributed import free_port
 from tests.helpers import TINY
 
@@ -33,13 +34,21 @@ def tiny(tmp_path, *overrides):
 def test_preferences_reward_model_and_west_of_n_from_the_workers(ray_session, tmp_path):
     # as a user runs it: the pairs go to <preferences.output_dir>/pairs.jsonl
     assert main(["make-preferences", *tiny_args("preferences.num_pairs=10", "preferences.flip_fraction=0.2",
-                                                f"preferences.output_dir={tmp_path}")]) == 0
+                                                f"preferences.output_dir={tmp_path}", "preferences.keep_rollouts=true")
+                 ]) == 0
     pairs_file = str(tmp_path / "pairs.jsonl")
     rows = [json.loads(line) for line in open(pairs_file)]
     assert len(rows) == 10 and sum(r["flipped"] for r in rows) == 2
     for r in rows:  # the labeller's preference, except where flipped on purpose
         assert (r["chosen_score"] >= r["rejected_score"]) != r["flipped"] and r["chosen"] != r["rejected"]
     assert len(load_preferences(pairs_file).pairs) == 10
+    # every labelled reply kept with its unflipped score, ties included, readable as scored replies
+    replies, _ = load_scored(str(tmp_path / "rollouts"), ("prompt", "response", "reward"), None, "error", "x")
+    scored = {(r.prompt, r.response): r.reward for r in replies}
+    assert len(replies) >= 20 and len(replies) % 2 == 0
+    for r in rows:
+        assert {scored[(r["prompt"], r["chosen"])], scored[(r["prompt"], r["rejected"])]} == {
+            r["chosen_score"], r["rejected_score"]}
 
     cfg = tiny(tmp_path, f"preferences.path={pairs_file}", "preferences.eval_fraction=0.3",
                "west_of_n.num_prompts=6", "west_of_n.n=3", "west_of_n.quantile=0.5", "west_of_n.min_logprob=-.inf")
@@ -65,10 +74,18 @@ def test_preferences_reward_model_and_west_of_n_from_the_workers(ray_session, tm
 
 
 def test_best_of_n_picks_what_the_reward_server_scores_highest(ray_session, tmp_path):
-    result = best_of_n(tiny(tmp_path, "reward.scorer=vader", "best_of_n.n=4"), texts=[])
+    result = best_of_n(tiny(tmp_path, "reward.scorer=vader", "best_of_n.n=4", "best_of_n.keep_rollouts=true",
+                            f"best_of_n.output_dir={tmp_path}"), texts=[])
     # the reward server is the gold scorer here, so its best of 4 can only beat one sample
     assert result["best_of_n/gold_reward"] >= result["one_sample/gold_reward"]
     assert math.isfinite(result["best_of_n/gold_reward"])
+    # every sample kept with its score: 4 for each of the 8 held-out prompts, the best ones' mean the result's
+    replies, _ = load_scored(str(tmp_path / "rollouts"), ("prompt", "response", "reward"), None, "error", "x")
+    groups = {}
+    for r in replies:
+        groups.setdefault(r.prompt, []).append(r.reward)
+    assert len(replies) == 32 and sorted(map(len, groups.values())) == [4] * 8
+    assert sum(map(max, groups.values())) / 8 == pytest.approx(result["best_of_n/gold_reward"])
 
 
 def test_rm_report_trains_the_four_reward_models_and_prints_the_table(ray_session, tmp_path, capsys):

@@ -104,3 +104,47 @@ class Vocab:
 def test_the_tokenizer_fingerprint_follows_the_vocabulary_not_the_directory():
     a, same, other = Vocab({"a": 0, "b": 1}), Vocab({"b": 1, "a": 0}), Vocab({"a": 1, "b": 0})
     assert tokenizer_id(a) == tokenizer_id(same) != tokenizer_id(other)
+
+
+def scored_file(tmp_path, rows_):
+    path = tmp_path / "scored.jsonl"
+    path.write_text("".join(json.dumps(dict(zip(("prompt", "response", "reward", "finished"), row))) + "\n"
+                            for row in rows_))
+    return path
+
+
+def test_filtered_sft_keeps_each_prompts_best_share_and_dpo_pairs_its_best_with_its_worst(tmp_path):
+    from core.rollout_records import best_against_worst, best_share
+
+    data = [("a", "a1", 0.1, True), ("b", "b1", 0.9, True), ("a", "a2", 0.7, False), ("a", "a3", -0.4, True),
+            ("a", "a4", 0.3, True), ("b", "b2", 0.92, True), ("c", "c1", 0.5, True),
+            ("d", "same", 0.2, True), ("d", "same", 0.6, True)]
+    replies, _ = load(scored_file(tmp_path, data))
+    assert [r.response for r in best_share(replies, 0.25)] == ["a2", "b2", "c1", "same"]  # at least one each
+    assert [r.response for r in best_share(replies, 0.5)] == ["a2", "a4", "b2", "c1", "same"]
+    assert len(best_share(replies, 1.0)) == len(data)
+    pairs = best_against_worst(replies, min_margin=0.05)
+    # b's two replies differ by less than the margin, c has one, d's are the same text: a's pair only
+    assert [(p.prompt, p.chosen, p.rejected, p.chosen_finished, p.rejected_finished) for p in pairs] == [
+        ("a", "a2", "a3", False, True)]
+    assert [p.chosen for p in best_against_worst(replies, min_margin=0.0)] == ["a2", "b2"]
+
+
+def test_the_sft_and_preference_readers_take_scored_replies(tmp_path):
+    from cluster.pipeline import load_pair_sets
+    from core.config import build_config
+    from core.preferences import PreferenceDataError
+    from learner.sft import _load_logged
+
+    data = [(f"p{i}", f"reply {i}.{j}", j / 4 + i / 100, j != 1) for i in range(10) for j in range(4)]
+    path = scored_file(tmp_path, data)
+    cfg = build_config(overrides=[f"sft.path={path}", "sft.best_fraction=0.25", f"preferences.path={path}",
+                                  "preferences.form=scored", "preferences.eval_fraction=0.2"])
+    demos = _load_logged(str(path), cfg.sft)
+    assert [(d.prompt, d.response) for d in demos] == [(f"p{i}", f"reply {i}.3") for i in range(10)]
+    train, held = load_pair_sets(cfg.preferences)
+    assert len(train) == 8 and len(held) == 2
+    assert all(p.chosen.endswith(".3") and p.rejected.endswith(".0") for p in train + held)
+    ties = build_config(overrides=[f"preferences.path={path}", "preferences.form=scored", "preferences.min_margin=1"])
+    with pytest.raises(PreferenceDataError, match="min_margin = 1.0"):
+        load_pair_sets(ties.preferences)

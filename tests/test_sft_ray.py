@@ -52,14 +52,21 @@ def test_sft_without_demonstrations_says_what_to_give(capsys):
     assert "sft.path is empty: give a demonstration file" in capsys.readouterr().err
 
 
-def test_dpo_trains_on_preference_pairs_and_reports_held_out_gold(ray_session, tmp_path, capsys):
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": f"My plan {i} fell through.", "chosen": "A lovely surprise!",
-                                         "rejected": "Terrible and sad."}) + "\n" for i in range(12)))
+def test_dpo_trains_on_each_prompts_best_reply_against_its_worst_and_reports_gold_and_kl(ray_session, tmp_path,
+                                                                                          capsys):
+    import math
+    import re
+
+    scored = tmp_path / "scored.jsonl"  # scored replies, as a job's kept rollouts hold them
+    scored.write_text("".join(json.dumps({"prompt": f"My plan {i} fell through.", "response": reply,
+                                          "reward": reward}) + "\n"
+                              for i in range(12) for reply, reward in [("A lovely surprise!", 0.8),
+                                                                       ("Terrible and sad.", -0.6), ("Okay.", 0.1)]))
     out = tmp_path / "dpo"
-    assert main(["dpo", "--config", str(TINY), f"preferences.path={pairs}", f"dpo.output_dir={out}",
-                 "dpo.threads=1", "dpo.batch_size=4", "preferences.eval_fraction=0.25"]) == 0
+    assert main(["dpo", "--config", str(TINY), f"preferences.path={scored}", "preferences.form=scored",
+                 f"dpo.output_dir={out}", "dpo.threads=1", "dpo.batch_size=4", "preferences.eval_fraction=0.25"]) == 0
     printed = capsys.readouterr().out
     assert "epoch 1: held-out loss" in printed and "implicit-reward accuracy" in printed
     assert "held-out gold reward (vader):" in printed and f"model.path={out}" in printed
+    assert math.isfinite(float(re.search(r"after DPO, KL to the starting policy (\S+)", printed)[1]))
     assert (out / "config.json").is_file()

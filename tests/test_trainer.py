@@ -4,6 +4,7 @@ enough to check by hand: what each epoch reports, the learning-rate schedule, th
 import pytest
 import torch
 
+from core.errors import InputError
 from core.pipeline_config import RewardModelConfig
 from learner.trainer import Trainer, seed_and_threads
 
@@ -64,3 +65,41 @@ def test_the_gradient_is_clipped_to_max_grad_norm():
     trainer.optimizer.register_step_pre_hook(lambda *_: norms.append(trainer.model.weight.grad.norm().item()))
     trainer.train([10.0], held_out=[])
     assert norms == [pytest.approx(0.5)]  # the gradient was 2 * (0 - 20) * 10 = -400
+
+
+def test_a_resumed_run_takes_the_batches_it_had_not_and_ends_where_an_uninterrupted_one_does(tmp_path):
+    data = [1.0, 2.0, 3.0, 4.0, 5.0]  # 3 batches an epoch, 9 steps in all
+    seen: list[list[float]] = []
+
+    class Recorded(Line):
+        def loss(self, batch):
+            seen.append(list(batch))
+            return super().loss(batch)
+
+    whole = Recorded(cfg(output_dir=str(tmp_path / "whole")), warmup_decay=True)
+    whole.train(data, held_out=[])
+    batches_whole, w_whole = list(seen), whole.model.weight.item()
+
+    class Killed(Exception):
+        pass
+
+    class Interrupted(Recorded):
+        def after_step(self):
+            if self.steps == 5:
+                raise Killed  # after step 5's update, before its checkpoint; the last one is after step 4
+
+    out = str(tmp_path / "run")
+    seen.clear()
+    with pytest.raises(Killed):
+        Interrupted(cfg(output_dir=out, checkpoint_every=2), warmup_decay=True).train(data, held_out=[])
+    seen.clear()
+    resumed = Recorded(cfg(output_dir=out, checkpoint_every=2, resume=True), warmup_decay=True)
+    history = resumed.train(data, held_out=[])
+    assert seen == batches_whole[4:]  # steps 5 to 9, in the first run's order
+    assert resumed.steps == 9 and [h["epoch"] for h in history] == [2, 3]
+    assert resumed.model.weight.item() == pytest.approx(w_whole, abs=1e-6)  # the optimiser's moments came back
+    # another batch size would point the step count at other batches: refused
+    with pytest.raises(InputError, match="batch_size"):
+        Recorded(cfg(output_dir=out, batch_size=3, resume=True)).train(data, held_out=[])
+    with pytest.raises(InputError, match="no checkpoint"):
+        Recorded(cfg(output_dir=str(tmp_path / "none"), resume=True)).train(data, held_out=[])

@@ -23,7 +23,15 @@ def best_of_n(cfg, texts: list[str]) -> dict:
     import statistics
 
     from actors.worker_pool import sample
-    from cluster.pipeline import generation_workers, pick_best, policy_prompts, reward_server, score_groups
+    from cluster.pipeline import (
+        generation_workers,
+        keep_scored,
+        pick_best,
+        policy_prompts,
+        reward_server,
+        score_groups,
+        scored_rows,
+    )
     from reward_server.scorers import make_scorer, score_checked
 
     n = cfg.best_of_n.n
@@ -41,6 +49,10 @@ def best_of_n(cfg, texts: list[str]) -> dict:
         groups = sample(pool, prompts, n, label=f"Best-of-{n} samples")
         scores = score_groups(reward, prompts, groups)
     best = pick_best(scores, n)
+    if cfg.best_of_n.keep_rollouts:
+        keep_scored(cfg.best_of_n.output_dir, model_path,
+                    scored_rows([p.text for p, g in zip(prompts, groups) for _ in g], [r for g in groups for r in g],
+                                [x for s in scores for x in s]), "best_of_n.keep_rollouts")
     for p, g, s, b in zip(prompts[:10] if not texts else prompts, groups, scores, best):
         print(f"\n> {p.text}\n[{cfg.reward.scorer} {s[b]:+.3f}, best of {n}] {g[b].text.strip()}")
     if texts:

@@ -25,7 +25,7 @@ def run(args) -> None:
 def dpo(cfg) -> dict:
     from actors.reference import ReferenceModel
     from cluster.models import resolve_model
-    from cluster.pipeline import held_out_gold, load_pair_sets
+    from cluster.pipeline import held_out_gold, load_pair_sets, stage_run
     from core.config import ReferenceConfig
     from learner.dpo import DPOTrainer, encode_pairs, with_reference
 
@@ -40,14 +40,17 @@ def dpo(cfg) -> dict:
     train, held = (with_reference(pairs, reference) for pairs in encoded)
     del reference
     log.info("dpo: %d pairs, %d held out, beta %g -> %s", len(train), len(held), dc.beta, dc.output_dir)
-    history = trainer.train(train, held)
-    path = trainer.save(dc.output_dir)
-    del trainer
-    for h in history:
-        print(f"epoch {h['epoch']}: held-out loss {h['eval/loss']:.3f}, implicit-reward accuracy "
-              f"{h['eval/accuracy']:.3f}, margin {h['eval/margin']:+.3f}")
-    before, after = held_out_gold(cfg, model_path, "base"), held_out_gold(cfg, path, "dpo")
+    with stage_run(cfg, "dpo") as (logger, summary):
+        history = trainer.train(train, held, logger)
+        path = trainer.save(dc.output_dir)
+        del trainer
+        for h in history:
+            print(f"epoch {h['epoch']}: held-out loss {h['eval/loss']:.3f}, implicit-reward accuracy "
+                  f"{h['eval/accuracy']:.3f}, margin {h['eval/margin']:+.3f}")
+        before, after = held_out_gold(cfg, model_path, "base"), held_out_gold(cfg, path, "dpo", kl_to=model_path)
+        summary.update({**history[-1], "gold_reward_before": before["eval/gold_reward_mean"],
+                        "gold_reward_after": after["eval/gold_reward_mean"], "kl_after": after["eval/kl_mean"]})
     print(f"held-out gold reward ({cfg.train.gold_scorer}): {before['eval/gold_reward_mean']:+.3f} before, "
-          f"{after['eval/gold_reward_mean']:+.3f} after DPO\nDPO policy saved to {path} (use it with model.path={path})")
-    return {**history[-1], "gold_reward_before": before["eval/gold_reward_mean"],
-            "gold_reward_after": after["eval/gold_reward_mean"]}
+          f"{after['eval/gold_reward_mean']:+.3f} after DPO, KL to the starting policy "
+          f"{after['eval/kl_mean']:.2f}\nDPO policy saved to {path} (use it with model.path={path})")
+    return summary

@@ -34,7 +34,7 @@ def ilql(cfg) -> dict:
     from transformers import AutoTokenizer
 
     from cluster.models import resolve_model
-    from cluster.pipeline import held_out_gold
+    from cluster.pipeline import held_out_gold, stage_run
     from core.preferences import split_pairs
     from core.rollout_records import RolloutDataError, load_scored, tokenizer_id
     from learner.ilql import ILQLTrainer, encode_scored
@@ -58,30 +58,39 @@ def ilql(cfg) -> dict:
           f"{statistics.mean(rewards):+.3f}", flush=True)
 
     before = held_out_gold(cfg, model_path, "base")
+    print(f"held-out gold reward ({cfg.train.gold_scorer}) before ILQL: {before['eval/gold_reward_mean']:+.3f}")
     trainer = ILQLTrainer(model_path, ic)
-    history = trainer.train(train, held)
-    for h in history:
-        print(f"epoch {h['epoch']}: held-out loss {h['eval/loss']:.3f} (Q {h['eval/loss_q']:.3f}, V "
-              f"{h['eval/loss_v']:.3f}, CQL {h['eval/loss_cql']:.3f}, LM {h['eval/loss_lm']:.3f}), advantage "
-              f"{h['eval/advantage_mean']:+.3f}")
-    path = trainer.save(ic.output_dir)
-    after = judge_ilql(cfg, trainer, path, model_path)
-    print(f"held-out gold reward ({cfg.train.gold_scorer}): {before['eval/gold_reward_mean']:+.3f} before, "
-          f"{after['eval/gold_reward_mean']:+.3f} after ILQL (beta {ic.beta:g}, top-k {ic.top_k}, {ic.heads} "
-          f"heads), KL to the starting policy {after['eval/kl_mean']:.2f}")
-    if after["eval/top_prob_mean"] > DEGENERATE_TOP_PROB:
-        print(f"warning: decoding at ilql.beta = {ic.beta:g} is degenerate: the sampled tokens had "
-              f"{after['eval/top_prob_mean']:.1%} probability on average (distinct tokens "
-              f"{after['eval/distinct_frac']:.1%} of all); lower ilql.beta")
+    with stage_run(cfg, "ilql") as (logger, results):
+        history = trainer.train(train, held, logger)
+        for h in history:
+            print(f"epoch {h['epoch']}: held-out loss {h['eval/loss']:.3f} (Q {h['eval/loss_q']:.3f}, V "
+                  f"{h['eval/loss_v']:.3f}, CQL {h['eval/loss_cql']:.3f}, LM {h['eval/loss_lm']:.3f}), advantage "
+                  f"{h['eval/advantage_mean']:+.3f}")
+        path = trainer.save(ic.output_dir)
+        results.update({"data_reward_mean": statistics.mean(rewards),
+                        "gold_reward_before": before["eval/gold_reward_mean"], **history[-1]})
+        for beta in dict.fromkeys([ic.beta, *ic.eval_betas]):
+            at = path if beta == ic.beta or ic.heads != "linear" else trainer.save_folded(f"{path}/beta-{beta:g}",
+                                                                                           beta)
+            after = judge_ilql(cfg, trainer, at, model_path, beta)
+            print(f"after ILQL at beta {beta:g} (top-k {ic.top_k}, {ic.heads} heads): held-out gold "
+                  f"{after['eval/gold_reward_mean']:+.3f}, KL to the starting policy {after['eval/kl_mean']:.2f}, "
+                  f"distinct tokens {after['eval/distinct_frac']:.1%}" + (f" ({at})" if at != path else ""),
+                  flush=True)
+            if after["eval/top_prob_mean"] > DEGENERATE_TOP_PROB:
+                print(f"warning: decoding at beta {beta:g} is degenerate: the sampled tokens had "
+                      f"{after['eval/top_prob_mean']:.1%} probability on average; lower ilql.beta")
+            figures = {f"beta-{beta:g}/{k.removeprefix('eval/')}": v for k, v in after.items()}
+            logger.log(trainer.steps, figures)
+            results.update(figures)
     use = f"model.path={path}" if ic.heads == "linear" else "its heads decoded in the learner (ilql.heads=mlp)"
-    print(f"ILQL policy saved to {path} ({use})")
-    return {**history[-1], "data_reward_mean": statistics.mean(rewards), "gold_reward_before":
-            before["eval/gold_reward_mean"], **{k.replace("eval/", "after/"): v for k, v in after.items()}}
+    print(f"ILQL policy at beta {ic.beta:g} saved to {path} ({use})")
+    return results
 
 
-def judge_ilql(cfg, trainer, path: str, base_path: str) -> dict[str, float]:
-    """The held-out evaluation of the ILQL policy: `train.eval_samples` samples of each held-out prompt at
-    `train.eval_temperature` with top-k `ilql.top_k` (linear heads: vLLM workers on the folded model at `path`;
+def judge_ilql(cfg, trainer, path: str, base_path: str, beta: float) -> dict[str, float]:
+    """The held-out evaluation of the ILQL policy at `beta`: `train.eval_samples` samples of each held-out prompt at
+    `train.eval_temperature` with top-k `ilql.top_k` (linear heads: vLLM workers on the model folded at `beta`, `path`;
     MLP heads: decoded here), judged by the gold scorer; the KL to the starting policy (the sum over each reply of
     log pi - log pi_start, both over the whole vocabulary at the evaluation's temperature); how peaked the
     perturbed policy was where it sampled (`eval/top_prob_mean`) and the share of distinct tokens."""
@@ -105,7 +114,7 @@ def judge_ilql(cfg, trainer, path: str, base_path: str) -> dict[str, float]:
         replies = []
         for start in range(0, len(prompts), 16):
             replies += decode(trainer.model, trainer.heads, [p.token_ids for p in prompts[start:start + 16]],
-                              beta=ic.beta, top_k=ic.top_k, temperature=temperature,
+                              beta=beta, top_k=ic.top_k, temperature=temperature,
                               max_new_tokens=cfg.generation.max_new_tokens, eos_ids={tok.eos_token_id},
                               pad_id=trainer.pad_id)
         texts = [tok.decode(r, skip_special_tokens=True) for r in replies]
@@ -113,7 +122,7 @@ def judge_ilql(cfg, trainer, path: str, base_path: str) -> dict[str, float]:
         rows = [(p.token_ids, r) for p, r in zip(prompts, replies)]
         figures = held_out_figures(gold, [len(r) for r in replies],
                                    [bool(r) and r[-1] == tok.eos_token_id for r in replies])
-    logprobs, top = perturbed_logprobs(trainer.model, trainer.heads, rows, beta=ic.beta, temperature=temperature,
+    logprobs, top = perturbed_logprobs(trainer.model, trainer.heads, rows, beta=beta, temperature=temperature,
                                        pad_id=trainer.pad_id, autocast_dtype=ic.autocast)
     base = load_causal_lm(base_path, ic.dtype, ic.device)
     base_logprobs = token_logprobs(base, [p for p, _ in rows], [r for _, r in rows], pad_id=trainer.pad_id,

@@ -21,16 +21,20 @@ def run(args) -> None:
 
 def make_preferences(cfg, out_path: str) -> str:
     """`preferences.num_pairs` labelled pairs of the policy's samples, written to `out_path`."""
-    from cluster.pipeline import generation_workers, gold_pairs, policy_prompts
+    from cluster.pipeline import generation_workers, gold_pairs, keep_scored, policy_prompts
     from core.preferences import write_preferences
     from reward_server.scorers import make_scorer
 
     pc = cfg.preferences
     model_path, train, _ = policy_prompts(cfg)
     labeller = make_scorer(pc.labeller)
+    kept = [] if pc.keep_rollouts else None
     with generation_workers(cfg, model_path) as pool:
-        pairs, extra = gold_pairs(pool, train, pc.num_pairs, labeller, pc.flip_fraction, pc.min_margin, pc.seed)
+        pairs, extra = gold_pairs(pool, train, pc.num_pairs, labeller, pc.flip_fraction, pc.min_margin, pc.seed,
+                                  kept=kept)
     write_preferences(out_path, pairs, extra)
+    if kept is not None:
+        keep_scored(pc.output_dir, model_path, kept, "preferences.keep_rollouts")
     print(f"wrote {len(pairs)} preference pairs to {out_path} (labelled by {pc.labeller}, "
           f"{sum(e['flipped'] for e in extra)} labels flipped)")
     return out_path

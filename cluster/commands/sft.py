@@ -21,17 +21,21 @@ def run(args) -> None:
 
 def sft(cfg) -> list[dict]:
     from cluster.models import resolve_model
-    from cluster.pipeline import held_out_gold
+    from cluster.pipeline import held_out_gold, stage_run
     from learner.sft import run_sft
 
     model_path = resolve_model(cfg.model.path)
-    path, history = run_sft(model_path, cfg.sft)
-    for h in history:
-        trained = f"train loss {h['train/loss']:.3f}, " if "train/loss" in h else ""
-        print(f"epoch {h['epoch']}: {trained}held-out loss {h['eval/loss']:.3f} (perplexity "
-              f"{h['eval/perplexity']:.2f})")
-    before, after = held_out_gold(cfg, model_path, "base"), held_out_gold(cfg, path, "sft")
+    with stage_run(cfg, "sft") as (logger, summary):
+        path, history = run_sft(model_path, cfg.sft, logger)
+        for h in history:
+            trained = f"train loss {h['train/loss']:.3f}, " if "train/loss" in h else ""
+            print(f"epoch {h['epoch']}: {trained}held-out loss {h['eval/loss']:.3f} (perplexity "
+                  f"{h['eval/perplexity']:.2f})")
+        before, after = held_out_gold(cfg, model_path, "base"), held_out_gold(cfg, path, "sft", kl_to=model_path)
+        summary.update({**history[-1], "gold_reward_before": before["eval/gold_reward_mean"],
+                        **{k.replace("eval/", "after/"): v for k, v in after.items()}})
     print(f"held-out gold reward ({cfg.train.gold_scorer}): {before['eval/gold_reward_mean']:+.3f} before, "
-          f"{after['eval/gold_reward_mean']:+.3f} after SFT")
+          f"{after['eval/gold_reward_mean']:+.3f} after SFT, KL to the starting policy "
+          f"{after['eval/kl_mean']:.2f}")
     print(f"\nfine-tuned policy saved to {path} (train from it with model.path={path})")
     return history
