@@ -236,6 +236,22 @@ def stage_run(cfg, stage: str):
     logger.close(summary)
 
 
+def train_policy(cfg, stage: str, make, train: list, held_out: list, logger=None):
+    """(trainer, history) of `<stage>`'s trainer built by `make` (learner/trainer_group.py: in this process, or on
+    `<stage>.num_learners` ranks, Ray started for them)."""
+    from learner.trainer_group import train_stage
+
+    return train_stage(make, ranks_ready(cfg, stage), train, held_out, logger)
+
+
+def ranks_ready(cfg, stage: str):
+    """`<stage>`'s config section, with Ray started when the stage trains on several ranks."""
+    section = getattr(cfg, stage)
+    if section.num_learners > 1:
+        start_ray(cfg.train)
+    return section
+
+
 def held_out_gold(cfg, model_path: str, label: str, kl_to: str = "") -> dict[str, float]:
     """The held-out evaluation of a PPO job (learner/evaluation.py) of the policy at `model_path`: its gold
     reward (`eval/gold_reward_mean`), reply length and share of finished replies; with `kl_to` (the starting

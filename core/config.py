@@ -26,6 +26,7 @@ from core.pipeline_config import (
     EloConfig,
     ILQLConfig,
     OnlineRLHFConfig,
+    PolicyTrainerFields,
     PreferenceConfig,
     RewardModelConfig,
     RMReportConfig,
@@ -349,6 +350,13 @@ class RunConfig:
             raise ConfigError(f"reward.host = {self.reward.host!r} listens beyond this machine; set reward.auth_token "
                               f"(e.g. reward.auth_token=env:REWARD_TOKEN) so that only clients with the token are "
                               f"served, or keep reward.host=127.0.0.1")
+        for section in dataclasses.fields(self):
+            stage = getattr(self, section.name)
+            if isinstance(stage, PolicyTrainerFields) and stage.num_learners > 1 and (stage.checkpoint_every
+                                                                                        or stage.resume):
+                raise ConfigError(f"{section.name}.num_learners = {stage.num_learners} with checkpoints "
+                                  f"({section.name}.checkpoint_every / resume): a sharded stage does not checkpoint "
+                                  f"yet; train on one rank, or without checkpoints")
         if self.data.max_prompt_tokens + self.generation.max_new_tokens > self.generation.max_model_len:
             raise ConfigError(
                 f"data.max_prompt_tokens + generation.max_new_tokens ({self.data.max_prompt_tokens} + "

@@ -65,6 +65,8 @@ class PolicyTrainerFields(TrainerFields):
                             gt=0.0)
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                             "comma-separated names of the linear layers that get adapters")
+    num_learners: int = opt(1, "ranks that train together (Ray actors, one CPU or GPU each), the model sharded "
+                               "across them with FSDP2 and every batch split among them", ge=1)
 
 
 @dataclass

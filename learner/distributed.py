@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -71,18 +72,33 @@ def shard(model: PolicyWithValue, device: torch.device) -> None:
     """FSDP2 over all ranks: one unit per decoder layer (the classes the HF model names as never to be
     split), the root unit for everything else. Parameters become DTensors in place; build the optimizer
     after this."""
+    shard_layers(model, model.policy, device)
+
+
+def shard_layers(root: torch.nn.Module, lm: torch.nn.Module, device: torch.device,
+                 setting: str = "ppo.num_learners") -> None:
+    """FSDP2 of `root` over all ranks, one unit per decoder layer of the HF model `lm` inside it and the root
+    unit for the rest (`setting`: the config field to lower when the model cannot be sharded so)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    layer_classes = set(getattr(model.policy, "_no_split_modules", None) or ())
-    layers = [m for m in model.policy.modules() if type(m).__name__ in layer_classes]
+    layer_classes = set(getattr(lm, "_no_split_modules", None) or ())
+    layers = [m for m in lm.modules() if type(m).__name__ in layer_classes]
     if not layers:
-        raise ValueError(f"{type(model.policy).__name__} names no decoder-layer class (_no_split_modules), so it "
-                         f"cannot be sharded layer by layer; use ppo.num_learners = 1")
+        raise ValueError(f"{type(lm).__name__} names no decoder-layer class (_no_split_modules), so it cannot be "
+                         f"sharded layer by layer; use {setting} = 1")
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+
+
+def shard_whole(module: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2 of `module` over all ranks as one unit (a head beside the model, say)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(module, mesh=init_device_mesh(device.type, (dist.get_world_size(),)))
 
 
 def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
@@ -103,6 +119,15 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     if not is_distributed():
         return module.state_dict()
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a whole (unsharded) state dict into `module`, each rank taking its shards of it when the module is
+    sharded (every rank must call it, each with the whole dict)."""
+    if not is_distributed():
+        module.load_state_dict(state)
+        return
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
 
 
 # --- sharded checkpoints (torch.distributed.checkpoint) -------------------------------------------------

@@ -21,7 +21,7 @@ from core.demonstrations import raise_or_skip
 from core.forward import reply_logprobs
 from core.preferences import PreferenceDataError, PreferencePair
 from learner.sft import encode_reply, load_policy
-from learner.trainer import Trainer
+from learner.trainer import Trainer, through
 
 if TYPE_CHECKING:
     from core.config import DPOConfig
@@ -82,7 +82,8 @@ class DPOTrainer(Trainer):
         self.pad_id = self.model.config.pad_token_id or 0
 
     def _sums(self, prompts: list[list[int]], replies: list[list[int]]) -> torch.Tensor:
-        logprobs, mask = reply_logprobs(self.model, list(zip(prompts, replies)), self.pad_id, self.cfg.autocast)
+        logprobs, mask = reply_logprobs(self.lm, list(zip(prompts, replies)), self.pad_id, self.cfg.autocast,
+                                        forward=through)
         return torch.where(mask.bool(), logprobs, 0.0).sum(-1)
 
     def _pair_loss(self, batch: list[EncodedPair]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

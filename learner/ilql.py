@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.forward import logprobs_from_logits, padded_logprobs
+from core.forward import logprobs_from_logits, padded_logprobs, response_forward
 from core.rollout import pad
 from core.rollout_records import RolloutDataError, ScoredReply
 from learner.ppo_math import masked_mean
 from learner.sft import encoded_rows, load_policy
-from learner.trainer import Trainer
+from learner.trainer import Trainer, through
 
 if TYPE_CHECKING:
     from core.config import ILQLConfig
@@ -157,12 +157,14 @@ def ilql_losses(heads: ILQLHeads, hidden: torch.Tensor, lm_logprobs: torch.Tenso
     return total, stats
 
 
-def batch_states(model, examples: list[tuple[list[int], list[int], float]], pad_id: int, autocast_dtype: str):
+def batch_states(model, examples: list[tuple[list[int], list[int], float]], pad_id: int, autocast_dtype: str,
+                 forward=response_forward):
     """(hidden (B, T, H) of each reply token's state, LM log-probs (B, T) of the reply tokens, the reply tokens
     (B, T), mask (B, T), rewards (B,)) of (prompt ids, reply ids, reward) rows: one forward of the policy."""
     input_ids, attention_mask, reply_ids, mask = pad([p for p, _, _ in examples], [r for _, r, _ in examples],
                                                      pad_id)
-    logprobs, hidden, _ = padded_logprobs(model, input_ids, attention_mask, reply_ids, autocast_dtype=autocast_dtype)
+    logprobs, hidden, _ = padded_logprobs(model, input_ids, attention_mask, reply_ids, autocast_dtype=autocast_dtype,
+                                          forward=forward)
     device = logprobs.device
     rewards = torch.tensor([r for _, _, r in examples], dtype=torch.float32, device=device)
     return hidden, logprobs, reply_ids.to(device), mask.to(device), rewards
@@ -241,15 +243,16 @@ class ILQLTrainer(Trainer):
         model, tokenizer = load_policy(model_path, cfg, self.name)
         self.heads = ILQLHeads(model.config.hidden_size, model.get_output_embeddings().weight.shape[0], cfg.heads,
                                cfg.two_qs).to(model.device)
-        super().__init__(cfg, model, tokenizer, [{"params": [p for p in model.parameters() if p.requires_grad],
-                                                  "lr": cfg.lr},
-                                                 {"params": [p for p in self.heads.parameters() if p.requires_grad],
-                                                  "lr": cfg.head_lr}])
+        super().__init__(cfg, model, tokenizer)
         self.pad_id = model.config.pad_token_id or 0
 
     def _losses(self, batch: list[Example]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        hidden, logprobs, actions, mask, rewards = batch_states(self.model, batch, self.pad_id, self.cfg.autocast)
+        hidden, logprobs, actions, mask, rewards = batch_states(self.lm, batch, self.pad_id, self.cfg.autocast,
+                                                                forward=through)
         return ilql_losses(self.heads, hidden, logprobs, actions, mask, rewards, self.cfg)
+
+    def size(self, example) -> int:
+        return len(example[1])  # the loss is a mean over reply tokens
 
     def loss(self, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
         self.heads.train()
@@ -260,11 +263,12 @@ class ILQLTrainer(Trainer):
         if self.steps % self.cfg.target_sync_every == 0:
             self.heads.sync_targets(self.cfg.polyak)
 
-    def extra_state(self) -> dict:
-        return {"heads": self.heads.state_dict()}
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.cfg.lr},
+                {"params": [p for p in self.heads.parameters() if p.requires_grad], "lr": self.cfg.head_lr}]
 
-    def load_extra_state(self, state: dict) -> None:
-        self.heads.load_state_dict(state["heads"])
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"heads": self.heads}
 
     def evaluate(self, examples: list[Example]) -> dict[str, float]:
         """The held-out losses, weighted by replies."""

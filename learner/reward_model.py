@@ -66,10 +66,14 @@ class RewardModelTrainer(Trainer):
             raise ValueError(f"{base_path}: no `score` head found on {type(model).__name__}; the base "
                              f"must be a causal LM that transformers can load for sequence classification")
         _freeze_lower_layers(model, cfg.train_layers)
-        trunk = [p for n, p in model.named_parameters() if not n.startswith("score.") and p.requires_grad]
+        super().__init__(cfg, model, tokenizer)
+
+    def param_groups(self) -> list[dict]:
         # The head starts random while the trunk is pretrained: a larger step for the head lets it find
         # the direction quickly without the trunk drifting far (cf. InstructGPT's RM from an SFT model).
-        super().__init__(cfg, model, tokenizer, [{"params": trunk, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}])
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return [{"params": [p for n, p in named if not n.startswith("score.")], "lr": self.cfg.lr},
+                {"params": [p for n, p in named if n.startswith("score.")], "lr": self.cfg.head_lr}]
 
     def rewards(self, prompts: list, responses: list[str]) -> torch.Tensor:
         """(B,) scalar reward of each (prompt, response), pooled as `rm.pooling` says."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,7 +21,7 @@ from core.preferences import split_pairs
 from core.rollout_records import best_share, load_scored
 from learner.lora import add_adapters
 from learner.ppo_math import masked_mean
-from learner.trainer import Trainer, seed_and_threads
+from learner.trainer import Trainer, seed_and_threads, through
 
 if TYPE_CHECKING:
     from core.config import SFTConfig
@@ -113,7 +114,10 @@ class SFTTrainer(Trainer):
 
     def nll(self, examples: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, int]:
         """(mean NLL of the reply tokens, their number) of a batch of encoded demonstrations."""
-        return reply_nll(self.model, examples, self.pad_id, self.cfg.autocast)
+        return reply_nll(self.lm, examples, self.pad_id, self.cfg.autocast, forward=through)
+
+    def size(self, example) -> int:
+        return len(example[1])  # the loss is a mean over reply tokens
 
     def loss(self, batch: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, dict[str, float]]:
         return self.nll(batch)[0], {}
@@ -121,7 +125,7 @@ class SFTTrainer(Trainer):
     def evaluate(self, examples: list[tuple[list[int], list[int]]]) -> dict[str, float]:
         """Held-out NLL per reply token and its perplexity."""
         self.model.eval()
-        return held_out_nll(self.model, examples, self.pad_id, self.cfg.autocast, self.cfg.batch_size)
+        return held_out_nll(self.lm, examples, self.pad_id, self.cfg.autocast, self.cfg.batch_size, forward=through)
 
 
 def split(demos: list[Demonstration], cfg: SFTConfig) -> tuple[list[Demonstration], list[Demonstration]]:
@@ -152,15 +156,19 @@ def encoded_demonstrations(path: str, cfg: SFTConfig, tokenizer) -> list[tuple[l
 
 
 def run_sft(model_path: str, cfg: SFTConfig, logger=None) -> tuple[str, list[dict]]:
-    """`rlhf sft`: fine-tune the policy at `model_path` on `sft.path`, save it to `sft.output_dir` (`logger`: a
-    RunLogger for the training figures)."""
+    """`rlhf sft`: fine-tune the policy at `model_path` on `sft.path` (on `sft.num_learners` ranks, Ray up for
+    more than one), save it to `sft.output_dir` (`logger`: a RunLogger for the training figures)."""
+    from transformers import AutoTokenizer
+
+    from learner.trainer_group import train_stage
+
     if not cfg.path:
         raise DemonstrationError("sft.path is empty: give a demonstration file (prompt/response columns or a "
                                  "messages column), or make one with `rlhf make-demos`")
     train, held_out = split(_load_logged(cfg.path, cfg), cfg)
-    trainer = SFTTrainer(model_path, cfg)
-    train_ids = encode(train, trainer.tokenizer, cfg.max_length, cfg.path, cfg.on_bad_row)
-    held_out_ids = encode(held_out, trainer.tokenizer, cfg.max_length, cfg.eval_path or cfg.path, cfg.on_bad_row)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train_ids = encode(train, tokenizer, cfg.max_length, cfg.path, cfg.on_bad_row)
+    held_out_ids = encode(held_out, tokenizer, cfg.max_length, cfg.eval_path or cfg.path, cfg.on_bad_row)
     log.info("sft: %d demonstrations, %d held out -> %s", len(train_ids), len(held_out_ids), cfg.output_dir)
-    history = trainer.train(train_ids, held_out_ids, logger)
+    trainer, history = train_stage(partial(SFTTrainer, model_path, cfg), cfg, train_ids, held_out_ids, logger)
     return trainer.save(cfg.output_dir), history

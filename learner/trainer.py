@@ -12,9 +12,12 @@ import random
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from core.errors import InputError
+from core.forward import response_forward
 from core.progress import Progress
+from learner.distributed import full_state_dict, is_distributed, load_full_state_dict, shard_layers, shard_whole
 from learner.metrics import RunLogger
 
 log = logging.getLogger(__name__)
@@ -28,10 +31,34 @@ def seed_and_threads(cfg) -> None:
     torch.set_num_threads(cfg.threads)
 
 
+class ResponseForward(torch.nn.Module):
+    """An HF causal LM's `response_forward` (core/forward.py) as a module's forward, which the trainers call
+    through `padded_logprobs(trainer.lm, ..., forward=through)`: under a process group it is FSDP2's root unit,
+    whose forward gathers what lies outside the decoder layers (embeddings, final norm, LM head)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, hidden = response_forward(self.model, input_ids, attention_mask, response_len, temperature)
+        return logits, hidden.clone()  # a new tensor, not a view: FSDP2 hooks the backward of the outputs
+
+
+def through(module: torch.nn.Module, input_ids, attention_mask, response_len: int, temperature: float):
+    """The `forward` argument of core/forward.py's functions that runs a ResponseForward module."""
+    return module(input_ids, attention_mask, response_len, temperature)
+
+
 class Trainer:
     """`cfg` has the trainer fields (core/pipeline_config.py: lr, epochs, batch_size, max_grad_norm, device,
-    seed...). A subclass builds its model and tokenizer (after `seed_and_threads`), passes them here with the
-    parameter groups to optimise (default: all), and defines `loss` and `evaluate`."""
+    seed...). A subclass builds its model and tokenizer (after `seed_and_threads`) and passes them here, and
+    defines `loss` and `evaluate` (and `param_groups` and `extra_modules` where it has more than the model).
+
+    In a process group of N ranks (learner/trainer_group.py) the model and the extra modules are sharded with
+    FSDP2 and every rank takes its share of each batch, its loss weighted so that the ranks' mean gradient
+    (FSDP2 averages them) is the whole batch's; held-out figures are computed alike on every rank."""
 
     name = "trainer"
     # The held-out figures before training too (epoch 0): where a fine-tuned policy started is worth knowing;
@@ -41,15 +68,62 @@ class Trainer:
     # fitting a fresh head (reward models); otherwise the learning rate is constant.
     warmup_decay = False
 
-    def __init__(self, cfg, model, tokenizer, param_groups: list[dict] | None = None):
+    def __init__(self, cfg, model, tokenizer):
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.device = torch.device(cfg.device)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+        self._lm = ResponseForward(model)
+        if self.world > 1:
+            shard_layers(self._lm, self.model, self.device, f"{self.name}.num_learners")
+            for module in self.extra_modules().values():
+                shard_whole(module, self.device)
         # fused: one kernel over all parameters, several times faster a step than the default on CPU
-        trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters only
-        self.optimizer = torch.optim.AdamW(param_groups or trainable, lr=cfg.lr, weight_decay=0.0, fused=True)
+        self.optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, weight_decay=0.0, fused=True)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]  # clipped together
         self.steps = 0  # optimiser steps taken
         self.schedule = None
+
+    @property
+    def lm(self) -> ResponseForward:
+        """The policy's forward (the reward model's trainer has its own), of whatever `self.model` now is (LoRA
+        merged, say)."""
+        if self._lm.model is not self.model:
+            self._lm = ResponseForward(self.model)
+        return self._lm
+
+    def param_groups(self) -> list[dict]:
+        """What the optimiser trains, in groups (each may set its own `lr`): the model's trainable parameters
+        (with LoRA, the adapters only)."""
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def extra_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules trained beside the model (ILQL's heads): sharded with it, in its checkpoints."""
+        return {}
+
+    def size(self, example) -> int:
+        """What `loss` averages over in an example: 1 (a mean over examples); a mean over reply tokens counts
+        the example's reply tokens."""
+        return 1
+
+    def share(self, batch: list) -> tuple[list, float]:
+        """This rank's share of `batch` and the weight of its mean loss (its share of the batch's `size`, times
+        N: FSDP2 averages the ranks' gradients, so their mean is the whole batch's). The shares are every N-th
+        example; a rank left without one computes on the first example with weight 0, so that every rank runs
+        the same forwards (FSDP2 gathers the weights in them)."""
+        if self.world == 1:
+            return batch, 1.0
+        part = batch[self.rank::self.world]
+        if not part:
+            return batch[:1], 0.0
+        return part, sum(map(self.size, part)) * self.world / sum(map(self.size, batch))
+
+    def backward(self, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
+        """The gradient of the batch's loss (this rank's share of it), accumulated into the parameters; returns
+        the share's loss and training figures."""
+        part, weight = self.share(batch)
+        loss, stats = self.loss(part)
+        (loss * weight).backward()
+        return loss, stats
 
     def loss(self, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
         """The batch's loss to minimise and its other training figures (`train/...`)."""
@@ -75,12 +149,16 @@ class Trainer:
     def after_step(self) -> None:
         """Called after each optimiser step (`self.steps` counts them)."""
 
-    def extra_state(self) -> dict:
-        """What else a checkpoint holds besides the model and the optimiser (a subclass's heads, say)."""
-        return {}
+    def full_state(self) -> dict[str, dict]:
+        """The model's and the extra modules' whole state dicts (gathered onto rank 0 under a process group,
+        empty on the others; every rank must call it)."""
+        return {name: full_state_dict(module) for name, module in {"model": self.model,
+                                                                   **self.extra_modules()}.items()}
 
-    def load_extra_state(self, state: dict) -> None:
-        """Restore `extra_state`'s dict."""
+    def load_full_state(self, state: dict[str, dict]) -> None:
+        """Load `full_state`'s dicts (under a process group: every rank, each taking its shards)."""
+        for name, module in {"model": self.model, **self.extra_modules()}.items():
+            load_full_state_dict(module, state[name])
 
     def checkpoint_path(self) -> Path:
         return Path(self.cfg.output_dir) / CHECKPOINT
@@ -92,7 +170,8 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save({"steps": self.steps, "shape": shape, "model": self.model.state_dict(),
-                    "optimizer": self.optimizer.state_dict(), "extra": self.extra_state(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "extra": {name: module.state_dict() for name, module in self.extra_modules().items()},
                     "schedule": self.schedule.state_dict() if self.schedule else None}, tmp)
         os.replace(tmp, path)
         log.info("%s: checkpoint after step %d in %s", self.name, self.steps, path)
@@ -110,7 +189,8 @@ class Trainer:
                              f"epochs and {self.name}.batch_size, or start anew without {self.name}.resume")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.load_extra_state(state["extra"])
+        for name, module in self.extra_modules().items():
+            module.load_state_dict(state["extra"][name])
         if self.schedule and state["schedule"]:
             self.schedule.load_state_dict(state["schedule"])
         self.steps = state["steps"]
@@ -152,9 +232,8 @@ class Trainer:
             for index, start in enumerate(range(0, len(order), cfg.batch_size)):
                 if (epoch - 1) * per_epoch + index < done:
                     continue
-                loss, stats = self.loss(order[start:start + cfg.batch_size])
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, stats = self.backward(order[start:start + cfg.batch_size])
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.steps += 1

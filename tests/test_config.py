@@ -251,6 +251,12 @@ def test_group_estimators_need_several_samples_per_prompt():
     assert build_config({"ppo": {"advantage": "reinforce_pp"}}).ppo.advantage == "reinforce_pp"
 
 
+def test_a_stage_on_several_ranks_does_not_checkpoint_yet():
+    with pytest.raises(ConfigError, match="ilql.num_learners = 2 with checkpoints"):
+        build_config({}, ["ilql.num_learners=2", "ilql.checkpoint_every=5"])
+    assert build_config({}, ["sft.num_learners=2"]).sft.num_learners == 2
+
+
 def test_inflight_updates_need_staleness_and_full_fine_tuning():
     with pytest.raises(ConfigError, match=r"set train.max_staleness >= 1 \(it is 0\)"):
         build_config({"generation": {"inflight_updates": True}})

@@ -39,14 +39,19 @@ def test_ilql_learns_offline_from_the_rollouts_a_job_kept(ray_session, tmp_path,
     torch.testing.assert_close(heads[4] - heads[0], 4 * mean_q, atol=1e-5, rtol=1e-4)
 
 
-def test_mlp_heads_are_decoded_in_the_learner(ray_session, tmp_path, capsys):
+def test_mlp_heads_trained_on_two_ranks_are_decoded_in_the_learner(ray_session, tmp_path, capsys):
     data = tmp_path / "scored.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"My bus was late, {i}.", "response": "What a lovely walk it gave me"
                                         if i % 2 else "Awful.", "reward": 0.8 if i % 2 else -0.5}) + "\n"
                             for i in range(12)))
     out = tmp_path / "ilql"
     assert main(["ilql", "--config", str(TINY), f"ilql.path={data}", f"ilql.output_dir={out}", "ilql.heads=mlp",
-                 "ilql.threads=1", "ilql.eval_fraction=0.2", "ilql.autocast=none", "ilql.batch_size=4"]) == 0
+                 "ilql.threads=1", "ilql.eval_fraction=0.2", "ilql.autocast=none", "ilql.batch_size=4",
+                 "ilql.num_learners=2", "train.wandb_mode=offline"]) == 0
     printed = capsys.readouterr().out
     assert "after ILQL at beta 4 (top-k 20, mlp heads)" in printed and "decoded in the learner" in printed
     assert (out / "ilql_heads.pt").is_file()
+    # the held-out losses of each epoch, and the evaluation, in metrics.jsonl and an offline W&B run
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in logged if "eval/loss_q" in r] == [0, 1]
+    assert "beta-4/gold_reward_mean" in logged[-1] and list((out / "wandb").glob("offline-run-*"))

@@ -5,6 +5,7 @@ result judged by the gold scorer on the held-out prompts, the policy saved to `d
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from cluster.commands import config_arguments, load, staged_output
 
@@ -23,17 +24,19 @@ def run(args) -> None:
 
 
 def dpo(cfg) -> dict:
+    from transformers import AutoTokenizer
+
     from actors.reference import ReferenceModel
     from cluster.models import resolve_model
-    from cluster.pipeline import held_out_gold, load_pair_sets, stage_run
+    from cluster.pipeline import held_out_gold, load_pair_sets, stage_run, train_policy
     from core.config import ReferenceConfig
     from learner.dpo import DPOTrainer, encode_pairs, with_reference
 
     dc, pc = cfg.dpo, cfg.preferences
     train_pairs, eval_pairs = load_pair_sets(pc)
     model_path = resolve_model(cfg.model.path)
-    trainer = DPOTrainer(model_path, dc)
-    encoded = [encode_pairs(pairs, trainer.tokenizer, dc.max_length, source, pc.on_bad_row)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    encoded = [encode_pairs(pairs, tokenizer, dc.max_length, source, pc.on_bad_row)
                for pairs, source in [(train_pairs, pc.path), (eval_pairs, pc.eval_path or pc.path)]]
     reference = ReferenceModel(model_path, ReferenceConfig(device=dc.device, threads=dc.threads), dtype=dc.dtype,
                                autocast=dc.autocast)
@@ -41,7 +44,7 @@ def dpo(cfg) -> dict:
     del reference
     log.info("dpo: %d pairs, %d held out, beta %g -> %s", len(train), len(held), dc.beta, dc.output_dir)
     with stage_run(cfg, "dpo") as (logger, summary):
-        history = trainer.train(train, held, logger)
+        trainer, history = train_policy(cfg, "dpo", partial(DPOTrainer, model_path, dc), train, held, logger)
         path = trainer.save(dc.output_dir)
         del trainer
         for h in history:

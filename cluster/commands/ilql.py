@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import statistics
+from functools import partial
 
 from cluster.commands import config_arguments, load, staged_output
 
@@ -34,7 +35,7 @@ def ilql(cfg) -> dict:
     from transformers import AutoTokenizer
 
     from cluster.models import resolve_model
-    from cluster.pipeline import held_out_gold, stage_run
+    from cluster.pipeline import held_out_gold, stage_run, train_policy
     from core.preferences import split_pairs
     from core.rollout_records import RolloutDataError, load_scored, tokenizer_id
     from learner.ilql import ILQLTrainer, encode_scored
@@ -59,9 +60,8 @@ def ilql(cfg) -> dict:
 
     before = held_out_gold(cfg, model_path, "base")
     print(f"held-out gold reward ({cfg.train.gold_scorer}) before ILQL: {before['eval/gold_reward_mean']:+.3f}")
-    trainer = ILQLTrainer(model_path, ic)
     with stage_run(cfg, "ilql") as (logger, results):
-        history = trainer.train(train, held, logger)
+        trainer, history = train_policy(cfg, "ilql", partial(ILQLTrainer, model_path, ic), train, held, logger)
         for h in history:
             print(f"epoch {h['epoch']}: held-out loss {h['eval/loss']:.3f} (Q {h['eval/loss_q']:.3f}, V "
                   f"{h['eval/loss_v']:.3f}, CQL {h['eval/loss_cql']:.3f}, LM {h['eval/loss_lm']:.3f}), advantage "

@@ -21,12 +21,12 @@ def run(args) -> None:
 
 def sft(cfg) -> list[dict]:
     from cluster.models import resolve_model
-    from cluster.pipeline import held_out_gold, stage_run
+    from cluster.pipeline import held_out_gold, ranks_ready, stage_run
     from learner.sft import run_sft
 
     model_path = resolve_model(cfg.model.path)
     with stage_run(cfg, "sft") as (logger, summary):
-        path, history = run_sft(model_path, cfg.sft, logger)
+        path, history = run_sft(model_path, ranks_ready(cfg, "sft"), logger)
         for h in history:
             trained = f"train loss {h['train/loss']:.3f}, " if "train/loss" in h else ""
             print(f"epoch {h['epoch']}: {trained}held-out loss {h['eval/loss']:.3f} (perplexity "
