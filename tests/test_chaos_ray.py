@@ -21,6 +21,7 @@ def config(out, *overrides):
                               "generation.num_cpus=1", "train.checkpoint_every=2", *overrides])
 
 
+@pytest.mark.slow  # 5 minutes; each fault kind is also in test_faults_ray.py and test_multinode_ray.py
 def test_a_schedule_of_every_fault_leaves_the_job_whole_each_time(tmp_path, capsys):
     from ray import serve
 

@@ -15,12 +15,11 @@ from learner.trainer_group import _all, _named_parameters, start_ranks, stop_ran
 pytestmark = pytest.mark.ray
 
 
-@pytest.mark.parametrize("heads", ["linear", "mlp"])
-def test_two_ranks_make_the_whole_batchs_gradient(ray_session, heads):
+def test_two_ranks_make_the_whole_batchs_gradient(ray_session):
     from cluster.models import prepare_tiny
 
     path = str(prepare_tiny())
-    cfg = ILQLConfig(heads=heads, autocast="none", threads=1, num_learners=2)
+    cfg = ILQLConfig(autocast="none", threads=1, num_learners=2)  # MLP heads on two ranks: tests/test_ilql_ray.py
     # three replies of 2, 5 and 3 tokens: rank 0 takes the first and the third (5 tokens), rank 1 the second (5)
     batch = [([1, 5, 9], [20, 21], 1.0), ([1, 6], [22, 23, 24, 25, 2], -0.5), ([1, 7, 7], [30, 31, 2], 0.25)]
     local = ILQLTrainer(path, cfg)
