@@ -198,7 +198,8 @@ class ILQLConfig(PolicyTrainerFields):
                                       "heads: each folded model saved to <output_dir>/beta-<b>)", ge=0.0)
     top_k: int = opt(20, "decoding: sample among the k likeliest perturbed tokens; 0: all", ge=0)
     lr: float = opt(1e-5, "AdamW learning rate of the LM", gt=0.0, lt=1.0)
-    head_lr: float = opt(1e-3, "AdamW learning rate of the Q and V heads (they start at zero)", gt=0.0, lt=1.0)
+    head_lr: float = opt(1e-4, "AdamW learning rate of the Q and V heads (they start at zero; 1e-3 made the Q loss "
+                                "diverge on SmolLM2)", gt=0.0, lt=1.0)
     epochs: int = opt(1, "passes over the scored replies", ge=1, le=100)
     batch_size: int = opt(16, "replies per optimiser step", ge=1)
     max_length: int = opt(256, "longest prompt (chat template) + reply, tokens", ge=16)
