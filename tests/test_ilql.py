@@ -201,7 +201,7 @@ def test_a_tiny_offline_run_decodes_replies_above_the_datas_mean(tiny):
         reply = [rng.choice((a, b, x)) for _ in range(6)]
         data.append((prompts[i % 8], reply, float(reply.count(x))))
     cfg = ILQLConfig(lr=1e-3, head_lr=1e-2, epochs=4, batch_size=16, autocast="none", threads=1, beta=4.0,
-                     target_sync_every=4)
+                     heads="linear", target_sync_every=4)
     trainer = ILQLTrainer(path, cfg)
     history = trainer.train(data[:176], data[176:])
     # the LM term learns the data's words; the CQL term pushes down the Q of words the data never says
@@ -228,7 +228,7 @@ def test_with_lora_only_the_adapters_and_heads_train_and_the_saved_model_has_the
 
     path, base, _ = tiny
     cfg = ILQLConfig(lr=1e-2, head_lr=1e-2, batch_size=4, autocast="none", threads=1, lora_rank=4,
-                     lora_targets="q_proj,v_proj", beta=2.0)
+                     lora_targets="q_proj,v_proj", beta=2.0, heads="linear")
     trainer = ILQLTrainer(path, cfg)
     trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)

@@ -23,6 +23,7 @@ def test_ilql_learns_offline_from_the_rollouts_a_job_kept(ray_session, tmp_path,
     out = tmp_path / "ilql"
     assert main(["ilql", "--config", str(TINY), f"ilql.path={rollouts}", f"ilql.output_dir={out}", "ilql.threads=1",
                  "ilql.eval_fraction=0.2", "ilql.autocast=none", "ilql.batch_size=4", "ilql.eval_betas=[0, 1]",
+                 "ilql.heads=linear",
                  "generation.num_workers=1"]) == 0
     printed = capsys.readouterr().out
     assert "ilql: 13 scored replies, 3 held out" in printed

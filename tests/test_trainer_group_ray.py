@@ -19,7 +19,7 @@ def test_two_ranks_make_the_whole_batchs_gradient(ray_session):
     from cluster.models import prepare_tiny
 
     path = str(prepare_tiny())
-    cfg = ILQLConfig(autocast="none", threads=1, num_learners=2)  # MLP heads on two ranks: tests/test_ilql_ray.py
+    cfg = ILQLConfig(heads="linear", autocast="none", threads=1, num_learners=2)  # MLP: tests/test_ilql_ray.py
     # three replies of 2, 5 and 3 tokens: rank 0 takes the first and the third (5 tokens), rank 1 the second (5)
     batch = [([1, 5, 9], [20, 21], 1.0), ([1, 6], [22, 23, 24, 25, 2], -0.5), ([1, 7, 7], [30, 31, 2], 0.25)]
     local = ILQLTrainer(path, cfg)

@@ -96,6 +96,7 @@ def judge_ilql(cfg, trainer, path: str, base_path: str, beta: float) -> dict[str
     perturbed policy was where it sampled (`eval/top_prob_mean`) and the share of distinct tokens."""
     from cluster.pipeline import held_out_judged, policy_prompts
     from core.forward import load_causal_lm, token_logprobs
+    from core.progress import Progress
     from learner.evaluation import held_out_figures
     from learner.ilql import decode, perturbed_logprobs
     from reward_server.scorers import make_scorer, score_checked
@@ -111,12 +112,13 @@ def judge_ilql(cfg, trainer, path: str, base_path: str, beta: float) -> dict[str
         _, _, held_out = policy_prompts(cfg)
         prompts = [p for p in held_out for _ in range(cfg.train.eval_samples)]
         tok = trainer.tokenizer
-        replies = []
+        replies, progress = [], Progress(f"ilql samples at beta {beta:g}", len(prompts), "responses")
         for start in range(0, len(prompts), 16):
             replies += decode(trainer.model, trainer.heads, [p.token_ids for p in prompts[start:start + 16]],
                               beta=beta, top_k=ic.top_k, temperature=temperature,
                               max_new_tokens=cfg.generation.max_new_tokens, eos_ids={tok.eos_token_id},
                               pad_id=trainer.pad_id)
+            progress.advance(len(prompts[start:start + 16]))
         texts = [tok.decode(r, skip_special_tokens=True) for r in replies]
         gold = score_checked(make_scorer(cfg.train.gold_scorer), [p.text for p in prompts], texts)
         rows = [(p.token_ids, r) for p, r in zip(prompts, replies)]
