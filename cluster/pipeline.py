@@ -26,6 +26,7 @@ from core.progress import Progress
 from core.prompts import Prompt, load_prompts
 from core.rollout import Rollout
 from core.rollout_records import RolloutRecords, best_against_worst, load_scored, tokenizer_id
+from learner.evaluation import kl_per_reply
 from learner.reward_model import RewardModelTrainer
 from reward_server.client import RewardClient
 from reward_server.scorers import make_scorer, score_checked
@@ -264,7 +265,7 @@ def held_out_gold(cfg, model_path: str, label: str, kl_to: str = "") -> dict[str
         start = ReferenceModel(kl_to, cfg.reference, dtype=cfg.ppo.dtype, autocast=cfg.ppo.autocast)
         start_logprobs = start.ref_logprobs([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
                                             cfg.train.eval_temperature)
-        figures["eval/kl_mean"] = statistics.mean(sum(r.logprobs) - sum(b) for r, b in zip(rollouts, start_logprobs))
+        figures["eval/kl_mean"] = statistics.mean(kl_per_reply(rollouts, start_logprobs))
     return figures
 
 

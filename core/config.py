@@ -18,7 +18,17 @@ from typing import Any
 
 import yaml
 
-from core.config_fields import AUTO_HELP, AUTOCAST_HELP, DTYPES, LOOPBACK, ConfigError, opt
+from core.config_fields import (
+    AUTO_HELP,
+    AUTOCAST_HELP,
+    DTYPES,
+    LOOPBACK,
+    LORA_ALPHA_HELP,
+    LORA_TARGETS,
+    LORA_TARGETS_HELP,
+    ConfigError,
+    opt,
+)
 from core.environment import Conversations, check_environment
 from core.pipeline_config import (
     BestOfNConfig,
@@ -199,10 +209,8 @@ class PPOConfig:
     lora_rank: int = opt(0, "0 = full fine-tuning; r > 0 = train LoRA adapters of rank r on the policy (the value "
                             "head in full): the reference is the base with adapters off, in the learner, and "
                             "each weight sync sends only the adapters", ge=0)
-    lora_alpha: float = opt(16.0, "LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_rank",
-                            gt=0.0)
-    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                            "comma-separated names of the linear layers that get adapters")
+    lora_alpha: float = opt(16.0, LORA_ALPHA_HELP, gt=0.0)
+    lora_targets: str = opt(LORA_TARGETS, LORA_TARGETS_HELP)
     publish_bucket_mb: float = opt(32.0, "the learner publishes its weights to the workers in buckets of this many "
                                          "MiB, each loaded as it arrives", gt=0.0)
     weight_transfer: str = opt("object_store", "how each policy version reaches the workers: `object_store` "

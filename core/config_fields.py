@@ -23,6 +23,9 @@ def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = 
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+LORA_ALPHA_HELP = "LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_rank"
+LORA_TARGETS_HELP = "comma-separated names of the linear layers that get adapters"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 AUTO_HELP = "`auto`: bfloat16 on CUDA or on a CPU with native bf16 (AVX512-BF16/AMX), else float32"
 AUTOCAST_HELP = "autocast compute dtype; `none` computes in `dtype`; " + AUTO_HELP.replace("float32", "none")

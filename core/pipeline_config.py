@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config_fields import AUTOCAST_HELP, DTYPES, opt
+from core.config_fields import AUTOCAST_HELP, DTYPES, LORA_ALPHA_HELP, LORA_TARGETS, LORA_TARGETS_HELP, opt
 
 
 @dataclass
@@ -61,10 +61,8 @@ class PolicyTrainerFields(TrainerFields):
     """The trainer fields of a stage that trains the policy (sft, dpo, ilql), with its LoRA option."""
     lora_rank: int = opt(0, "0 = full fine-tuning; r > 0 = train LoRA adapters of rank r (peft), merged into the "
                             "saved model", ge=0)
-    lora_alpha: float = opt(16.0, "LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_rank",
-                            gt=0.0)
-    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                            "comma-separated names of the linear layers that get adapters")
+    lora_alpha: float = opt(16.0, LORA_ALPHA_HELP, gt=0.0)
+    lora_targets: str = opt(LORA_TARGETS, LORA_TARGETS_HELP)
     num_learners: int = opt(1, "ranks that train together (Ray actors, one CPU or GPU each), the model sharded "
                                "across them with FSDP2 and every batch split among them", ge=1)
 

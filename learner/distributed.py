@@ -79,10 +79,9 @@ def shard_layers(root: torch.nn.Module, lm: torch.nn.Module, device: torch.devic
                  setting: str = "ppo.num_learners") -> None:
     """FSDP2 of `root` over all ranks, one unit per decoder layer of the HF model `lm` inside it and the root
     unit for the rest (`setting`: the config field to lower when the model cannot be sharded so)."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = _mesh(device)
     layer_classes = set(getattr(lm, "_no_split_modules", None) or ())
     layers = [m for m in lm.modules() if type(m).__name__ in layer_classes]
     if not layers:
@@ -95,10 +94,16 @@ def shard_layers(root: torch.nn.Module, lm: torch.nn.Module, device: torch.devic
 
 def shard_whole(module: torch.nn.Module, device: torch.device) -> None:
     """FSDP2 of `module` over all ranks as one unit (a head beside the model, say)."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    fully_shard(module, mesh=init_device_mesh(device.type, (dist.get_world_size(),)))
+    fully_shard(module, mesh=_mesh(device))
+
+
+def _mesh(device: torch.device):
+    """The one-dimensional device mesh of all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (dist.get_world_size(),))
 
 
 def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,12 @@ def held_out_figures(gold: list[float], lengths: list[int], finished: list[bool]
             "eval/response_len": statistics.mean(lengths), "eval/finished_frac": statistics.mean(finished)}
 
 
+def kl_per_reply(rollouts: list[Rollout], ref_logprobs: list[list[float]]) -> list[float]:
+    """Each reply's KL to the reference: the sum over the policy's tokens of log pi - log pi_ref (the rollout's
+    log-probs are those vLLM sampled with)."""
+    return [sum((a - b) * m for a, b, m in zip(r.logprobs, ref, r.mask())) for r, ref in zip(rollouts, ref_logprobs)]
+
+
 def judge_held_out(pool: WorkerPool, prompts: list[Prompt], gold: Scorer, samples: int, temperature: float,
                    label: str = "evaluation", conversations: Conversations | None = None) -> HeldOut:
     """`samples` replies to each held-out prompt from the pool's policy, at `temperature`, judged by `gold`; with

@@ -264,7 +264,7 @@ class ILQLTrainer(Trainer):
             self.heads.sync_targets(self.cfg.polyak)
 
     def param_groups(self) -> list[dict]:
-        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.cfg.lr},
+        return [{**super().param_groups()[0], "lr": self.cfg.lr},
                 {"params": [p for p in self.heads.parameters() if p.requires_grad], "lr": self.cfg.head_lr}]
 
     def extra_modules(self) -> dict[str, nn.Module]:
@@ -286,9 +286,7 @@ class ILQLTrainer(Trainer):
                     "beta": self.cfg.beta, "top_k": self.cfg.top_k}, out / HEADS_FILE)
         if self.cfg.heads == "linear":
             return self.save_folded(path, self.cfg.beta)
-        self.model.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
-        return str(out)
+        return super().save(path)
 
     def save_folded(self, path: str, beta: float) -> str:
         """The perturbed policy at `beta` as an HF directory `path` (linear heads)."""

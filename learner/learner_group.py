@@ -18,11 +18,17 @@ from actors.nodes import on_this_node
 def _first_of_all(refs: list[ray.ObjectRef]):
     """Rank 0's answer once every rank has answered; the first error as soon as one rank fails (the others
     may be stuck in a collective waiting for it)."""
+    return all_answers(refs)[0]
+
+
+def all_answers(refs: list[ray.ObjectRef]) -> list:
+    """Every rank's answer once all have answered; the first error as soon as one rank fails (the others may be
+    stuck in a collective waiting for it)."""
     pending = list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         ray.get(done)
-    return ray.get(refs[0])
+    return ray.get(refs)
 
 
 class _RefLogprobs:

@@ -23,7 +23,7 @@ from actors.rollout_stream import RolloutStream
 from core.prompts import Prompt
 from core.rollout import Rollout
 from core.rollout_records import RolloutRecords
-from learner.evaluation import judge_held_out
+from learner.evaluation import judge_held_out, kl_per_reply
 from learner.metrics import RunLogger
 from reward_server.ratings import Ladder
 from reward_server.scorers import Scorer
@@ -165,7 +165,7 @@ def evaluate(loop: Loop) -> dict:
     ref_logprobs = stream.watchdog.get(
         loop.reference.ref_logprobs.remote([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
                                            train.eval_temperature), "reference", "ref_logprobs")
-    kls = [sum((a - b) * m for a, b, m in zip(r.logprobs, ref, r.mask())) for r, ref in zip(rollouts, ref_logprobs)]
+    kls = kl_per_reply(rollouts, ref_logprobs)
     demos = {}
     if loop.eval_demos:  # the alignment tax: how much less likely the policy finds demonstrated replies
         demos = stream.wait(loop.learner.perplexity(loop.eval_demos), "learner", "perplexity")

@@ -13,6 +13,7 @@ import ray
 import torch
 
 from learner.distributed import free_port, init_group
+from learner.learner_group import all_answers
 from learner.trainer import Trainer
 
 COLLECTIVE_TIMEOUT_S = 1800.0  # the longest a rank waits for the others in one collective
@@ -51,16 +52,6 @@ def _named_parameters(trainer: Trainer):
             yield f"{prefix}.{name}", p
 
 
-def _all(refs: list[ray.ObjectRef]) -> list:
-    """Every rank's answer; the first error as soon as one rank fails (the others may be stuck in a collective
-    waiting for it)."""
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        ray.get(done)
-    return ray.get(refs)
-
-
 def start_ranks(make: Callable[[], Trainer], cfg) -> list:
     """`cfg.num_learners` ranks, each with its trainer built by `make` (a picklable callable) and sharded."""
     cuda = cfg.device == "cuda"
@@ -68,7 +59,7 @@ def start_ranks(make: Callable[[], Trainer], cfg) -> list:
                                              max_restarts=0).remote() for _ in range(cfg.num_learners)]
     try:
         rendezvous = ray.get(ranks[0].address.remote())
-        _all([rank.start.remote(rendezvous, i, len(ranks), make, cfg.device) for i, rank in enumerate(ranks)])
+        all_answers([rank.start.remote(rendezvous, i, len(ranks), make, cfg.device) for i, rank in enumerate(ranks)])
     except BaseException:
         stop_ranks(ranks)
         raise
@@ -90,8 +81,8 @@ def train_stage(make: Callable[[], Trainer], cfg, train: list, held_out: list, l
         return trainer, trainer.train(train, held_out, logger)
     ranks = start_ranks(make, cfg)
     try:
-        history = _all([rank.train.remote(train, held_out) for rank in ranks])[0]
-        state = _all([rank.full_state.remote() for rank in ranks])[0]
+        history = all_answers([rank.train.remote(train, held_out) for rank in ranks])[0]
+        state = all_answers([rank.full_state.remote() for rank in ranks])[0]
     finally:
         stop_ranks(ranks)
     trainer = make()

@@ -10,7 +10,8 @@ import torch
 
 from core.config import ILQLConfig
 from learner.ilql import ILQLTrainer
-from learner.trainer_group import _all, _named_parameters, start_ranks, stop_ranks
+from learner.learner_group import all_answers
+from learner.trainer_group import _named_parameters, start_ranks, stop_ranks
 
 pytestmark = pytest.mark.ray
 
@@ -29,9 +30,9 @@ def test_two_ranks_make_the_whole_batchs_gradient(ray_session):
     local.heads.sync_targets(1.0)
     ranks = start_ranks(partial(ILQLTrainer, path, cfg), cfg)
     try:
-        _all([rank.load_full_state.remote(local.full_state()) for rank in ranks])
-        grouped = _all([rank.gradients.remote(batch) for rank in ranks])[0]
-        last = _all([rank.gradients.remote(batch[:1]) for rank in ranks])[0]  # rank 1 has no example
+        all_answers([rank.load_full_state.remote(local.full_state()) for rank in ranks])
+        grouped = all_answers([rank.gradients.remote(batch) for rank in ranks])[0]
+        last = all_answers([rank.gradients.remote(batch[:1]) for rank in ranks])[0]  # rank 1 has no example
     finally:
         stop_ranks(ranks)
 
